@@ -1,0 +1,64 @@
+"""The KV tensors of one engine, and export/import of block ranges.
+
+One tensor ``[num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim]``
+(2 = key, value). ``layer(i)`` gives the ``(k_cache, v_cache)`` views the
+attention backend writes. ``export_blocks`` copies a request's blocks into one
+contiguous ``[num_layers, 2, n, block_size, num_kv_heads, head_dim]`` tensor —
+the unit the KV transports move — and ``import_blocks`` writes such a tensor
+into (other) block ids of (another) engine's cache.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class KVCacheSpec:
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    block_size: int
+    dtype: torch.dtype
+
+    @property
+    def bytes_per_block(self) -> int:
+        elem = torch.empty((), dtype=self.dtype).element_size()
+        return 2 * self.num_layers * self.block_size * self.num_kv_heads * self.head_dim * elem
+
+    @property
+    def bytes_per_token(self) -> int:
+        return self.bytes_per_block // self.block_size
+
+
+class KVCache:
+    def __init__(self, spec: KVCacheSpec, num_blocks: int, device: torch.device):
+        self.spec = spec
+        self.num_blocks = num_blocks
+        self.device = device
+        self.tensor = torch.zeros(spec.num_layers, 2, num_blocks, spec.block_size,
+                                  spec.num_kv_heads, spec.head_dim, dtype=spec.dtype, device=device)
+
+    def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.tensor[i, 0], self.tensor[i, 1]
+
+    def _index(self, block_ids: list[int]) -> torch.Tensor:
+        if any(b < 0 or b >= self.num_blocks for b in block_ids):
+            raise ValueError(f"block ids out of range [0, {self.num_blocks})")
+        return torch.tensor(block_ids, dtype=torch.long, device=self.device)
+
+    def export_blocks(self, block_ids: list[int]) -> torch.Tensor:
+        """Contiguous copy ``[L, 2, n, bs, KH, D]`` of the given blocks (on the cache's device)."""
+        return self.tensor.index_select(2, self._index(block_ids))
+
+    def import_blocks(self, block_ids: list[int], data: torch.Tensor) -> None:
+        expected = (self.spec.num_layers, 2, len(block_ids), self.spec.block_size,
+                    self.spec.num_kv_heads, self.spec.head_dim)
+        if tuple(data.shape) != expected:
+            raise ValueError(f"KV data shape {tuple(data.shape)} does not match cache layout {expected}")
+        self.tensor.index_copy_(2, self._index(block_ids), data.to(self.device, self.spec.dtype))
+
+    def copy_block(self, src: int, dst: int) -> None:
+        self.tensor[:, :, dst].copy_(self.tensor[:, :, src])
