@@ -86,3 +86,44 @@ class BlockEvent:
     """Prefix-cache event for the index: kind is 'stored', 'removed' or 'cleared'."""
     kind: str
     block_hashes: list[int] = field(default_factory=list)
+
+
+@dataclass
+class EngineStats:
+    num_running: int = 0
+    num_waiting: int = 0
+    num_held: int = 0
+    num_free_blocks: int = 0
+    num_total_blocks: int = 0
+    kv_cache_usage: float = 0.0
+    prefix_cache_queries: int = 0   # prompt tokens looked up in the prefix cache
+    prefix_cache_hits: int = 0      # of which found cached
+    num_preemptions: int = 0
+
+
+@dataclass
+class HeldRequest:
+    """Prefill mode: a finished prompt whose blocks are kept for the decode side."""
+    request_id: str
+    prompt_token_ids: list[int]
+    first_token: int
+    block_ids: list[int]
+    held_since: float
+    first_logprob: float | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+
+@dataclass
+class KVPlan:
+    """Decode side: blocks allocated for a request whose KV arrives from elsewhere."""
+    request_id: str
+    block_ids: list[int]
+    num_cached_blocks: int
+    num_cached_tokens: int
+
+    @property
+    def missing_block_ids(self) -> list[int]:
+        return self.block_ids[self.num_cached_blocks:]
