@@ -106,6 +106,7 @@ class Request:
         self.stop_reason: int | str | None = None
         self.held_since: float | None = None
         self.generator = None               # torch.Generator for seeded sampling (set by the engine)
+        self.pending_children: list[Request] = []   # n > 1: samples forked when this prompt is done
 
     @property
     def num_tokens(self) -> int:

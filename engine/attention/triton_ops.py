@@ -1,0 +1,432 @@
+"""Triton kernels for paged attention, and their Python launchers.
+
+Three kernels over the paged cache ``[num_blocks, block_size, KH, D]``:
+
+- ``store_kv``: scatter each new token's K/V ``[T, KH, D]`` to its cache slot.
+  A negative slot means "padding, skip" (CUDA-graph batches are padded).
+- ``paged_decode``: one query token per request, flash-decoding split-K. A
+  program owns (request, KV head, split) and all ``H / KH`` query heads of
+  that KV head (GQA: each K/V tile is read once for the whole group, padded
+  to 16 rows for the tensor cores). Decisions:
+    * the number of splits is a function of shapes only (batch size, KV heads,
+      SM count, block-table width) — never of the step's context lengths —
+      so grid and arguments are fixed for a CUDA graph; each program reads
+      ``seq_lens`` on the device and takes ``ceil(seq_len / splits)`` keys
+      (rounded up to a tile), so short contexts leave trailing splits empty;
+    * with one split the kernel normalises and writes the output directly,
+      otherwise a second small kernel merges the splits by their log-sum-exp;
+    * padded requests (``seq_len == 0``) produce zeros, never NaN.
+- ``paged_prefill``: query chunks attend causally to their request's paged
+  context (cached prefix + the chunk itself, already stored). Covers plain
+  prefill, chunked prefill and prefix-cache hits. One program owns
+  (query head, query tile of BLOCK_M rows of one request); the tile → request
+  mapping is computed on the device from ``query_start_loc`` (a cumulative sum
+  of tile counts), so no host-built tile table is copied per step. Requests with
+  ``query_len == 1`` inside a mixed batch are skipped here and handled by the
+  decode kernel in "mixed" mode, which reads each request's query row from
+  ``query_start_loc`` — a 1-row query in a 128-row tile would waste the
+  tensor cores and re-read the context once per query head.
+
+All kernels accumulate in fp32 (online softmax in base 2), take bf16, fp16
+or fp32 inputs (fp32 dots use IEEE precision, not tf32) and any head dim (padded
+to a power of two). Inputs may be strided views (q/k/v slices of a fused QKV
+projection) as long as the last dimension is contiguous.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+_LOG2E = 1.4426950408889634
+
+
+def _next_pow2(x: int) -> int:
+    return 1 << max(0, (int(x) - 1).bit_length())
+
+
+def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def num_sms(device: torch.device) -> int:
+    """SM count of a CUDA device (132 for the CPU interpreter: an H100's)."""
+    if device.type != "cuda":
+        return 132
+    return _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+
+
+# --------------------------------------------------------------------------- KV store
+
+@triton.jit
+def _store_kv_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr,
+                     stride_kt, stride_kh, stride_vt, stride_vh,
+                     stride_cb, stride_ct, stride_ch,
+                     BLOCK_SIZE: tl.constexpr, KH: tl.constexpr, HEAD_DIM: tl.constexpr,
+                     KH_P: tl.constexpr, D_P: tl.constexpr):
+    t = tl.program_id(0)
+    slot = tl.load(slot_ptr + t).to(tl.int64)
+    if slot >= 0:
+        blk = slot // BLOCK_SIZE
+        off = slot % BLOCK_SIZE
+        h = tl.arange(0, KH_P)[:, None]
+        d = tl.arange(0, D_P)[None, :]
+        mask = (h < KH) & (d < HEAD_DIM)
+        dst = blk * stride_cb + off * stride_ct + h * stride_ch + d
+        k = tl.load(k_ptr + t * stride_kt + h * stride_kh + d, mask=mask)
+        tl.store(kc_ptr + dst, k.to(kc_ptr.dtype.element_ty), mask=mask)
+        v = tl.load(v_ptr + t * stride_vt + h * stride_vh + d, mask=mask)
+        tl.store(vc_ptr + dst, v.to(vc_ptr.dtype.element_ty), mask=mask)
+
+
+def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+             slot_mapping: torch.Tensor) -> None:
+    """Write ``k, v [T, KH, D]`` to ``slot_mapping [T]`` (block * block_size + offset; < 0 = skip)."""
+    T, KH, D = k.shape
+    if T == 0:
+        return
+    if k_cache.stride() != v_cache.stride() or k_cache.stride(-1) != 1:
+        raise ValueError("k_cache and v_cache must share one layout with a contiguous head dim")
+    k, v = _last_dim_contiguous(k), _last_dim_contiguous(v)
+    _store_kv_kernel[(T,)](
+        k, v, k_cache, v_cache, slot_mapping,
+        k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        BLOCK_SIZE=k_cache.shape[1], KH=KH, HEAD_DIM=D, KH_P=_next_pow2(KH), D_P=_next_pow2(D),
+        num_warps=1 if KH * D <= 1024 else 4)
+
+
+# --------------------------------------------------------------------------- decode
+
+@triton.jit
+def _decode_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, seq_lens_ptr, qsl_ptr,
+                   out_ptr, part_o_ptr, part_lse_ptr,
+                   qk_scale,
+                   stride_qt, stride_qh, stride_ot, stride_oh,
+                   stride_cb, stride_ct, stride_ch, stride_bt,
+                   GROUP: tl.constexpr, BLOCK_H: tl.constexpr,
+                   HEAD_DIM: tl.constexpr, D_P: tl.constexpr,
+                   BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
+                   NUM_SPLITS: tl.constexpr, MIXED: tl.constexpr, DOT_PREC: tl.constexpr):
+    b = tl.program_id(0)
+    kh = tl.program_id(1)
+    split = tl.program_id(2)
+    num_heads = tl.num_programs(1) * GROUP
+
+    if MIXED:   # query row from query_start_loc; requests with query_len != 1 belong to the prefill kernel
+        row = tl.load(qsl_ptr + b)
+        is_decode = (tl.load(qsl_ptr + b + 1) - row) == 1
+    else:
+        row = b
+        is_decode = True
+    if is_decode:
+        seq_len = tl.load(seq_lens_ptr + b)
+        # keys of this split: a tile-aligned share of this request's context, read on the device
+        split_len = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
+        start = split * split_len
+        end = tl.minimum(start + split_len, seq_len)
+
+        offs_h = tl.arange(0, BLOCK_H)
+        offs_d = tl.arange(0, D_P)
+        heads = kh * GROUP + offs_h
+        hmask = offs_h < GROUP
+        dmask = offs_d < HEAD_DIM
+        q = tl.load(q_ptr + row.to(tl.int64) * stride_qt + heads[:, None] * stride_qh + offs_d[None, :],
+                    mask=hmask[:, None] & dmask[None, :], other=0.0)
+        q = q.to(kc_ptr.dtype.element_ty)
+
+        m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_H], tl.float32)
+        acc = tl.zeros([BLOCK_H, D_P], tl.float32)
+        bt_row = bt_ptr + b.to(tl.int64) * stride_bt
+        offs_n = tl.arange(0, BLOCK_N)
+        for n0 in range(start, end, BLOCK_N):
+            toks = n0 + offs_n
+            tmask = toks < end
+            blk = tl.load(bt_row + toks // BLOCK_SIZE, mask=tmask, other=0).to(tl.int64)
+            base = blk * stride_cb + (toks % BLOCK_SIZE) * stride_ct + kh * stride_ch
+            kv_mask = tmask[:, None] & dmask[None, :]
+            k = tl.load(kc_ptr + base[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
+            s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+            s = tl.where(tmask[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = tl.load(vc_ptr + base[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+            m_i = m_new
+
+        omask = hmask[:, None] & dmask[None, :]
+        o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]    # empty context → zeros, not NaN
+        if NUM_SPLITS == 1:
+            tl.store(out_ptr + row.to(tl.int64) * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
+                     o.to(out_ptr.dtype.element_ty), mask=omask)
+        else:
+            # workspace [B, H, NUM_SPLITS, HEAD_DIM] fp32 and lse [B, H, NUM_SPLITS] (base 2)
+            part = (b.to(tl.int64) * num_heads + heads) * NUM_SPLITS + split
+            tl.store(part_o_ptr + part[:, None] * HEAD_DIM + offs_d[None, :], o, mask=omask)
+            lse = tl.where(l_i > 0, m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))
+            tl.store(part_lse_ptr + part, lse, mask=hmask)
+
+
+@triton.jit
+def _decode_merge_kernel(part_o_ptr, part_lse_ptr, out_ptr, qsl_ptr,
+                         stride_ot, stride_oh,
+                         HEAD_DIM: tl.constexpr, D_P: tl.constexpr,
+                         NUM_SPLITS: tl.constexpr, S_P: tl.constexpr, MIXED: tl.constexpr):
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    if MIXED:
+        row = tl.load(qsl_ptr + b)
+        is_decode = (tl.load(qsl_ptr + b + 1) - row) == 1
+    else:
+        row = b
+        is_decode = True
+    if is_decode:
+        offs_s = tl.arange(0, S_P)
+        offs_d = tl.arange(0, D_P)
+        part = (b.to(tl.int64) * tl.num_programs(1) + h) * NUM_SPLITS + offs_s
+        lse = tl.load(part_lse_ptr + part, mask=offs_s < NUM_SPLITS, other=float("-inf"))
+        valid = lse > float("-inf")     # empty splits never wrote their partial output
+        mx = tl.max(lse, 0)
+        mx = tl.where(mx > float("-inf"), mx, 0.0)
+        w = tl.where(valid, tl.exp2(lse - mx), 0.0)
+        o = tl.load(part_o_ptr + part[:, None] * HEAD_DIM + offs_d[None, :],
+                    mask=valid[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+        denom = tl.sum(w, 0)
+        res = tl.sum(w[:, None] * o, 0) / tl.where(denom > 0, denom, 1.0)
+        tl.store(out_ptr + row.to(tl.int64) * stride_ot + h * stride_oh + offs_d,
+                 res.to(out_ptr.dtype.element_ty), mask=offs_d < HEAD_DIM)
+
+
+def decode_num_splits(batch: int, num_kv_heads: int, max_blocks: int, block_size: int,
+                      block_n: int, sms: int, max_splits: int = 64) -> int:
+    """Splits per (request, KV head): enough programs for ~2 waves, from shapes only.
+
+    Capped by the tiles of the longest context the block table can describe,
+    so the value is the same for every step of a CUDA-graph bucket.
+    """
+    want = -(-2 * sms // max(1, batch * num_kv_heads))
+    most = max(1, -(-max_blocks * block_size // block_n))
+    return max(1, min(want, most, max_splits))
+
+
+def decode_config(dtype: torch.dtype, head_dim: int) -> dict:
+    """Tile size and launch shape of the decode kernel (see benchmarks/attention_kernels.py)."""
+    if dtype == torch.float32:
+        return dict(BLOCK_N=32, num_warps=4, num_stages=2)
+    return dict(BLOCK_N=64 if head_dim <= 128 else 32, num_warps=4, num_stages=2)
+
+
+def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                 block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
+                 out: torch.Tensor | None = None, query_start_loc: torch.Tensor | None = None,
+                 num_splits: int | None = None, config: dict | None = None) -> torch.Tensor:
+    """Decode attention: ``q [T, H, D]`` → ``out [T, H, D]``.
+
+    Without ``query_start_loc`` request b's query is row b (decode-only batch,
+    B = ``block_tables.shape[0]`` requests). With it ("mixed"), request b's row
+    is ``query_start_loc[b]`` and only requests with query_len 1 are computed;
+    other rows of ``out`` are left untouched. Grid and arguments depend on
+    shapes only: safe to capture in a CUDA graph.
+    """
+    T, H, D = q.shape
+    B = block_tables.shape[0]
+    _, block_size, KH, _ = k_cache.shape
+    if H % KH:
+        raise ValueError(f"{H} query heads are not a multiple of {KH} KV heads")
+    if k_cache.stride() != v_cache.stride() or k_cache.stride(-1) != 1:
+        raise ValueError("k_cache and v_cache must share one layout with a contiguous head dim")
+    q = _last_dim_contiguous(q)
+    if out is None:
+        out = torch.empty((T, H, D), dtype=q.dtype, device=q.device)
+    if B == 0:
+        return out
+    cfg = dict(decode_config(k_cache.dtype, D), **(config or {}))
+    block_n = cfg.pop("BLOCK_N")
+    if num_splits is None:
+        num_splits = decode_num_splits(B, KH, block_tables.shape[1], block_size, block_n, num_sms(q.device))
+    group = H // KH
+    mixed = query_start_loc is not None
+    qsl = query_start_loc if mixed else seq_lens   # unused pointer when not mixed
+    if num_splits > 1:
+        part_o = torch.empty((B, H, num_splits, D), dtype=torch.float32, device=q.device)
+        part_lse = torch.empty((B, H, num_splits), dtype=torch.float32, device=q.device)
+    else:
+        part_o = part_lse = out
+    D_P = _next_pow2(D)
+    _decode_kernel[(B, KH, num_splits)](
+        q, k_cache, v_cache, block_tables, seq_lens, qsl, out, part_o, part_lse,
+        scale * _LOG2E,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
+        GROUP=group, BLOCK_H=max(16, _next_pow2(group)), HEAD_DIM=D, D_P=D_P,
+        BLOCK_SIZE=block_size, BLOCK_N=block_n, NUM_SPLITS=num_splits, MIXED=mixed,
+        DOT_PREC=_dot_precision(k_cache.dtype), **cfg)
+    if num_splits > 1:
+        _decode_merge_kernel[(B, H)](
+            part_o, part_lse, out, qsl, out.stride(0), out.stride(1),
+            HEAD_DIM=D, D_P=D_P, NUM_SPLITS=num_splits, S_P=_next_pow2(num_splits), MIXED=mixed,
+            num_warps=4 if D_P * _next_pow2(num_splits) >= 4096 else 2)
+    return out
+
+
+# --------------------------------------------------------------------------- prefill / extend
+
+@triton.jit
+def _prefill_kernel(q_ptr, kc_ptr, vc_ptr, out_ptr, bt_ptr, seq_lens_ptr, qsl_ptr,
+                    qk_scale, num_reqs,
+                    stride_qt, stride_qh, stride_ot, stride_oh,
+                    stride_cb, stride_ct, stride_ch, stride_bt,
+                    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, D_P: tl.constexpr,
+                    BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                    BLOCK_B: tl.constexpr, DOT_PREC: tl.constexpr):
+    h = tl.program_id(0)
+    tile = tl.program_id(1)
+    kh = h // GROUP
+
+    # tile -> (request, query tile): cumulative tile counts of requests with query_len > 1
+    offs_b = tl.arange(0, BLOCK_B)
+    bmask = offs_b < num_reqs
+    starts = tl.load(qsl_ptr + offs_b, mask=bmask, other=0)
+    qlens = tl.load(qsl_ptr + offs_b + 1, mask=bmask, other=0) - starts
+    ntiles = tl.where(qlens > 1, tl.cdiv(qlens, BLOCK_M), 0)
+    cum = tl.cumsum(ntiles, 0)
+    b = tl.sum((cum <= tile).to(tl.int32), 0)
+    sel = offs_b == b
+    first_tile = tl.sum(tl.where(sel, cum - ntiles, 0), 0)
+    n_b = tl.sum(tl.where(sel, ntiles, 0), 0)
+    q_start = tl.sum(tl.where(sel, starts, 0), 0)
+    qlen = tl.sum(tl.where(sel, qlens, 0), 0)
+    qt = n_b - 1 - (tile - first_tile)          # last (heaviest) query tiles are scheduled first
+    seq_len = tl.load(seq_lens_ptr + b)
+    ctx0 = seq_len - qlen                       # position of the request's first query row
+
+    offs_m = qt * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, D_P)
+    offs_n = tl.arange(0, BLOCK_N)
+    mmask = offs_m < qlen
+    dmask = offs_d < HEAD_DIM
+    rows = (q_start + offs_m).to(tl.int64)
+    q = tl.load(q_ptr + rows[:, None] * stride_qt + h * stride_qh + offs_d[None, :],
+                mask=mmask[:, None] & dmask[None, :], other=0.0)
+    q = q.to(kc_ptr.dtype.element_ty)
+    qpos = ctx0 + offs_m
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, D_P], tl.float32)
+    bt_row = bt_ptr + b.to(tl.int64) * stride_bt
+    # keys [0, full_end) are visible to every row of the tile: no causal mask there
+    full_end = ((ctx0 + qt * BLOCK_M + 1) // BLOCK_N) * BLOCK_N
+    kv_end = tl.minimum(ctx0 + (qt + 1) * BLOCK_M, seq_len)
+    for n0 in range(0, full_end, BLOCK_N):
+        toks = n0 + offs_n
+        blk = tl.load(bt_row + toks // BLOCK_SIZE).to(tl.int64)
+        base = blk * stride_cb + (toks % BLOCK_SIZE) * stride_ct + kh * stride_ch
+        k = tl.load(kc_ptr + base[:, None] + offs_d[None, :], mask=dmask[None, :], other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(vc_ptr + base[:, None] + offs_d[None, :], mask=dmask[None, :], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+        m_i = m_new
+    for n0 in range(full_end, kv_end, BLOCK_N):   # the diagonal: causal mask
+        toks = n0 + offs_n
+        tmask = toks < kv_end
+        blk = tl.load(bt_row + toks // BLOCK_SIZE, mask=tmask, other=0).to(tl.int64)
+        base = blk * stride_cb + (toks % BLOCK_SIZE) * stride_ct + kh * stride_ch
+        kv_mask = tmask[:, None] & dmask[None, :]
+        k = tl.load(kc_ptr + base[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+        s = tl.where((toks[None, :] <= qpos[:, None]) & tmask[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(vc_ptr + base[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+        m_i = m_new
+
+    o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    tl.store(out_ptr + rows[:, None] * stride_ot + h * stride_oh + offs_d[None, :],
+             o.to(out_ptr.dtype.element_ty), mask=mmask[:, None] & dmask[None, :])
+
+
+def prefill_config(dtype: torch.dtype, head_dim: int) -> dict:
+    """Tile sizes and launch shape of the prefill kernel (see benchmarks/attention_kernels.py)."""
+    if dtype == torch.float32:
+        return dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2)
+    if head_dim <= 64:
+        return dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3)
+    if head_dim <= 128:
+        return dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)
+    return dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2)
+
+
+def prefill_num_tiles(query_lens: list[int], block_m: int) -> int:
+    """Programs per query head: query tiles of the requests with query_len > 1."""
+    return sum(-(-n // block_m) for n in query_lens if n > 1)
+
+
+def paged_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                  block_tables: torch.Tensor, seq_lens: torch.Tensor, query_start_loc: torch.Tensor,
+                  query_lens_cpu: list[int], scale: float, out: torch.Tensor | None = None,
+                  config: dict | None = None) -> torch.Tensor:
+    """Causal attention of the query rows of requests with query_len > 1 over their paged context.
+
+    Rows of requests with query_len 1 are left untouched in ``out`` (the decode
+    kernel's mixed mode fills them). ``query_lens_cpu`` only sizes the grid.
+    """
+    T, H, D = q.shape
+    _, block_size, KH, _ = k_cache.shape
+    if H % KH:
+        raise ValueError(f"{H} query heads are not a multiple of {KH} KV heads")
+    if k_cache.stride() != v_cache.stride() or k_cache.stride(-1) != 1:
+        raise ValueError("k_cache and v_cache must share one layout with a contiguous head dim")
+    q = _last_dim_contiguous(q)
+    if out is None:
+        out = torch.empty((T, H, D), dtype=q.dtype, device=q.device)
+    cfg = dict(prefill_config(k_cache.dtype, D), **(config or {}))
+    block_m, block_n = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N")
+    num_tiles = prefill_num_tiles(query_lens_cpu, block_m)
+    if num_tiles == 0:
+        return out
+    B = len(query_lens_cpu)
+    _prefill_kernel[(H, num_tiles)](
+        q, k_cache, v_cache, out, block_tables, seq_lens, query_start_loc,
+        scale * _LOG2E, B,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
+        GROUP=H // KH, HEAD_DIM=D, D_P=_next_pow2(D), BLOCK_SIZE=block_size,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_B=max(16, _next_pow2(B)),
+        DOT_PREC=_dot_precision(k_cache.dtype), **cfg)
+    return out
+
+
+def attention_flops(query_lens: list[int], seq_lens: list[int], num_heads: int, head_dim: int) -> float:
+    """Useful FLOPs of causal paged attention (QK^T and PV, 2 FLOPs per MAC)."""
+    total = 0
+    for ql, sl in zip(query_lens, seq_lens):
+        ctx0 = sl - ql
+        total += ql * ctx0 + ql * (ql + 1) // 2      # visible keys summed over query rows
+    return 4.0 * total * num_heads * head_dim
+
+
+__all__ = ["store_kv", "paged_decode", "paged_prefill", "decode_num_splits", "decode_config",
+           "prefill_config", "prefill_num_tiles", "attention_flops", "num_sms"]

@@ -1,0 +1,364 @@
+"""LLMEngine: the only wiring class — tokenizer, scheduler, block manager, runner.
+
+Lifecycle of a request through the engine:
+  ``add_request`` (validate, tokenize, one Request per sample; samples 1..n-1 of
+  an ``n > 1`` request wait as ``pending_children`` of sample 0) → ``step()``:
+  schedule → execute → update (tokens appended, stop tokens/length checked by
+  the scheduler, stop strings by the output processor here) → RequestOutput per
+  request with news → finished: blocks freed, or held (prefill mode) until
+  ``release``. ``abort`` finishes a request from any state.
+
+Decisions:
+- ``n > 1``: sample 0 runs the prompt; when its prompt is done, samples 1..n-1
+  fork its block table (ref counts) and recompute only the last prompt token
+  (writing it copy-on-write into the shared tail block) to draw their own first
+  token. Seeds: sample i uses ``seed + i``.
+- Stop strings are excluded from the text (OpenAI semantics); streamed text is
+  held back while it could still be the start of a stop string.
+- The usable context is ``min(max_model_len, num_kv_blocks * block_size)``,
+  so a request can always finish even alone in the pool.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import torch
+
+from engine.attention import get_backend
+from engine.block_manager import BlockManager
+from engine.config import EngineConfig
+from engine.kv_cache import KVCache, KVCacheSpec
+from engine.model_runner import ModelRunner
+from engine.outputs import (BlockEvent, CompletionOutput, EngineStats, HeldRequest, KVPlan,
+                            RequestOutput)
+from engine.request import Request, RequestStatus, SamplingParams
+from engine.scheduler import Scheduler
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig):
+        from engine.models.loader import load_model
+        from engine.tokenizer import Tokenizer
+
+        self.config = config
+        self.device = torch.device(config.device)
+        self.dtype = _DTYPES[config.dtype]
+        loaded = load_model(config.model, self.dtype, self.device, seed=config.seed,
+                            hf_overrides=config.hf_overrides)
+        self.model = loaded.model
+        self.model_config = mc = loaded.config
+        self.tokenizer = Tokenizer.from_path(config.tokenizer) if config.tokenizer else loaded.tokenizer
+        self.eos_token_ids = tuple(mc.eos_token_ids) or (
+            tuple(self.tokenizer.eos_token_ids) if self.tokenizer else ())
+        self.kv_spec = KVCacheSpec(mc.num_hidden_layers, mc.num_key_value_heads, mc.head_dim,
+                                   config.block_size, self.dtype)
+        self.backend = get_backend(config.attention_backend, self.device)
+        num_blocks = config.num_kv_blocks or self._auto_num_blocks()
+        self.kv_cache = KVCache(self.kv_spec, num_blocks, self.device)
+        self.max_model_len = min(config.max_model_len or mc.max_position_embeddings,
+                                 num_blocks * config.block_size)
+        self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
+                                   self.max_model_len, hold_after_prefill=config.mode == "prefill")
+        self.runner = ModelRunner(self.model, self.kv_cache, self.backend, self.device, self.max_model_len)
+        if self.device.type == "cuda" and not config.enforce_eager:
+            self._install_cuda_graphs()
+        self._groups: dict[str, list[Request]] = {}      # request_id → its samples
+        self._detok: dict[str, object] = {}              # per sample: IncrementalDetokenizer
+        self._sent: dict[str, tuple[int, int]] = {}      # per sample: (tokens, chars) already streamed
+        self._max_stop = 0
+
+    # ---- intake -----------------------------------------------------------------
+    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None,
+                    arrival_time: float | None = None) -> None:
+        params = params or SamplingParams()
+        if request_id in self._groups or request_id in self.scheduler.requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        if params.n > 1 and self.config.mode == "prefill":
+            raise ValueError("n > 1 is not supported by a prefill-only engine; send n requests")
+        prompt_ids = self._tokenize(prompt)
+        samples = [self._new_request(request_id if i == 0 else f"{request_id}#{i}", prompt_ids, params, i,
+                                     arrival_time) for i in range(params.n)]
+        samples[0].pending_children = samples[1:]
+        self._groups[request_id] = samples
+        self.scheduler.add(samples[0])
+
+    def _tokenize(self, prompt) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("this model has no tokenizer: send token ids")
+            ids = self.tokenizer.encode(prompt)
+        else:
+            ids = list(prompt)
+            vocab = self.model_config.vocab_size
+            if any(not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab for t in ids):
+                raise ValueError(f"prompt token ids must be integers in [0, {vocab})")
+        if not ids:
+            raise ValueError("prompt is empty")
+        if len(ids) >= self.max_model_len:
+            raise ValueError(f"prompt has {len(ids)} tokens; this model's context is {self.max_model_len} "
+                             f"tokens, so the prompt must be at most {self.max_model_len - 1}")
+        return ids
+
+    def _new_request(self, rid, prompt_ids, params, index, arrival_time) -> Request:
+        req = Request(rid, prompt_ids, params, self.eos_token_ids, arrival_time, sample_index=index)
+        req.pending_children = []
+        if params.seed is not None:
+            req.generator = torch.Generator(self.device).manual_seed(params.seed + index)
+        if self.tokenizer is not None:
+            from engine.tokenizer import IncrementalDetokenizer
+            self._detok[rid] = IncrementalDetokenizer(self.tokenizer, prompt_ids, params.skip_special_tokens)
+        self._sent[rid] = (0, 0)
+        self._max_stop = max([self._max_stop] + [len(s) for s in params.stop])
+        return req
+
+    # ---- the loop -----------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        sched = self.scheduler.schedule()
+        result = self.runner.execute(sched, self.scheduler.requests)
+        return self._process(self.scheduler.update(sched, result))
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def generate(self, prompts, params: SamplingParams | list[SamplingParams] | None = None) -> list[RequestOutput]:
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        plist = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
+        base = f"gen-{time.monotonic_ns()}"
+        ids = [f"{base}-{i}" for i in range(len(prompts))]
+        for rid, p, sp in zip(ids, prompts, plist):
+            self.add_request(rid, p, sp)
+        done: dict[str, RequestOutput] = {}
+        while len(done) < len(ids) and self.has_unfinished():
+            for out in self.step():
+                if out.finished:
+                    done[out.request_id] = out
+        return [done[i] for i in ids]
+
+    def abort(self, request_id: str) -> bool:
+        samples = self._groups.pop(request_id, None)
+        if samples is None:
+            held = self.scheduler.held.get(request_id)
+            return held is not None and self.release(request_id)
+        for req in samples:
+            self.scheduler.finish(req, RequestStatus.FINISHED_ABORTED)
+            self._forget(req.request_id)
+        return True
+
+    # ---- outputs ----------------------------------------------------------------------
+    def _process(self, changed: list[Request]) -> list[RequestOutput]:
+        touched: dict[str, None] = {}
+        for req in changed:
+            if req.pending_children and req.num_output_tokens == 1:
+                self._fork(req)
+            self._detokenize(req)
+            touched[self._group_id(req)] = None
+        return [o for gid in touched if (o := self._group_output(gid)) is not None]
+
+    def _fork(self, parent: Request) -> None:
+        # the parent's prompt is computed and its first token appended: the children
+        # share its blocks and recompute the last prompt token (CoW on the tail block)
+        now = time.monotonic()
+        for child in parent.pending_children:
+            if parent.block_ids:
+                self.block_manager.fork(parent, child)
+                child.block_hashes = list(parent.block_hashes[:len(child.prompt_token_ids) // self.config.block_size])
+                child.num_computed_tokens = child.num_prompt_tokens - 1
+            child.first_scheduled_time = now
+            child.num_cached_tokens = parent.num_cached_tokens
+            self.scheduler.requests[child.request_id] = child
+            self.scheduler.waiting.append(child)
+        parent.pending_children = []
+
+    def _detokenize(self, req: Request) -> None:
+        det = self._detok.get(req.request_id)
+        if det is None:
+            return
+        sent_tokens = getattr(req, "_detok_tokens", 0)
+        new = req.output_token_ids[sent_tokens:]
+        req._detok_tokens = req.num_output_tokens
+        if new and new[-1] in req.eos_token_ids and not req.params.ignore_eos:
+            new = new[:-1]
+        det.step(new)
+        if req.params.stop and getattr(req, "_text_cut", None) is None:
+            text = det.text
+            window = text[max(0, self._sent[req.request_id][1] - self._max_stop):]
+            for s in req.params.stop:
+                at = window.find(s)
+                if at >= 0:
+                    cut = len(text) - len(window) + at
+                    req.stop_reason = s
+                    req._text_cut = cut
+                    if req.is_finished:        # finished by length on the same token
+                        req.status = RequestStatus.FINISHED_STOPPED
+                    self.scheduler.finish(req, RequestStatus.FINISHED_STOPPED)
+                    break
+
+    def _text(self, req: Request) -> str:
+        det = self._detok.get(req.request_id)
+        if det is None:
+            return ""
+        cut = getattr(req, "_text_cut", None)
+        return det.text if cut is None else det.text[:cut]
+
+    def _group_id(self, req: Request) -> str:
+        return req.request_id.split("#", 1)[0] if req.sample_index else req.request_id
+
+    def _group_output(self, gid: str) -> RequestOutput | None:
+        samples = self._groups.get(gid)
+        if samples is None:
+            return None
+        finished = all(r.is_finished for r in samples) and not samples[0].pending_children
+        held = samples[0].status == RequestStatus.HELD
+        outs = []
+        for r in samples:
+            text = self._text(r)
+            outs.append(CompletionOutput(
+                index=r.sample_index, token_ids=list(r.output_token_ids), text=text,
+                finish_reason=r.status.finish_reason, stop_reason=r.stop_reason,
+                logprobs=list(r.output_logprobs) if r.params.logprobs is not None else None))
+        first = samples[0]
+        n_tok, n_chr = self._sent[first.request_id]
+        text0 = outs[0].text
+        visible = len(text0) if first.is_finished or held else max(n_chr, len(text0) - max(0, self._max_stop - 1))
+        out = RequestOutput(
+            request_id=gid, prompt_token_ids=first.prompt_token_ids, outputs=outs,
+            finished=finished or held, num_cached_tokens=first.num_cached_tokens,
+            new_token_ids=first.output_token_ids[n_tok:], new_text=text0[n_chr:visible],
+            metrics={"arrival_time": first.arrival_time, "first_scheduled_time": first.first_scheduled_time,
+                     "first_token_time": first.first_token_time, "held": held})
+        self._sent[first.request_id] = (first.num_output_tokens, visible)
+        if finished:
+            self._groups.pop(gid, None)
+            for r in samples:
+                self._forget(r.request_id)
+        return out
+
+    def _forget(self, rid: str) -> None:
+        self._detok.pop(rid, None)
+        self._sent.pop(rid, None)
+
+    # ---- prefill mode ----------------------------------------------------------------
+    def get_held(self, request_id: str) -> HeldRequest:
+        try:
+            return self.scheduler.held[request_id]
+        except KeyError:
+            raise KeyError(f"no held request {request_id!r}") from None
+
+    def export_kv(self, request_id: str, start_block: int = 0) -> torch.Tensor:
+        held = self.get_held(request_id)
+        return self.kv_cache.export_blocks(held.block_ids[start_block:])
+
+    def release(self, request_id: str) -> bool:
+        req = self.scheduler.requests.get(request_id)
+        if req is None or request_id not in self.scheduler.held:
+            return False
+        self.scheduler.finish(req, RequestStatus.FINISHED_STOPPED)
+        self._groups.pop(request_id, None)
+        self._forget(request_id)
+        return True
+
+    def expire_held(self, now: float | None = None) -> list[str]:
+        now = time.monotonic() if now is None else now
+        expired = [rid for rid, h in self.scheduler.held.items() if now - h.held_since > self.config.hold_ttl_s]
+        for rid in expired:
+            self.release(rid)
+        return expired
+
+    # ---- decode side of disaggregation ---------------------------------------------
+    def add_request_with_kv(self, request_id: str, prompt_token_ids: list[int], first_token: int,
+                            params: SamplingParams | None = None) -> KVPlan:
+        params = params or SamplingParams()
+        if params.n != 1:
+            raise ValueError("a request with remote KV has exactly one sample (n=1)")
+        if request_id in self._groups:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        ids = self._tokenize(list(prompt_token_ids))
+        if not 0 <= first_token < self.model_config.vocab_size:
+            raise ValueError("first_token out of the vocabulary")
+        req = self._new_request(request_id, ids, params, 0, None)
+        req.pending_children = []
+        req._first_token = first_token
+        try:
+            num_blocks, num_tokens = self.scheduler.add_with_kv(req)
+        except MemoryError:
+            self._forget(request_id)
+            raise
+        self._groups[request_id] = [req]
+        return KVPlan(request_id, list(req.block_ids[:-(-len(ids) // self.config.block_size)]),
+                      num_blocks, num_tokens)
+
+    def import_kv(self, request_id: str, data: torch.Tensor) -> None:
+        req = self.scheduler.waiting_for_kv.get(request_id)
+        if req is None:
+            raise KeyError(f"request {request_id!r} is not waiting for KV")
+        num_prompt_blocks = -(-req.num_prompt_tokens // self.config.block_size)
+        missing = req.block_ids[req.num_cached_tokens // self.config.block_size:num_prompt_blocks]
+        self.kv_cache.import_blocks(missing, data)
+
+    def finish_kv(self, request_id: str, ok: bool, first_logprob: float | None = None) -> list[RequestOutput]:
+        req = self.scheduler.waiting_for_kv.get(request_id)
+        if req is None:
+            return []
+        if not ok:
+            self.abort(request_id)
+            return []
+        self.scheduler.finish_kv(req, req._first_token, first_logprob)
+        return self._process([req])
+
+    # ---- observability ------------------------------------------------------------------
+    def stats(self) -> EngineStats:
+        s, bm = self.scheduler, self.block_manager
+        return EngineStats(
+            num_running=len(s.running), num_waiting=len(s.waiting) + len(s.waiting_for_kv),
+            num_held=len(s.held), num_free_blocks=bm.num_free_blocks, num_total_blocks=bm.num_blocks,
+            kv_cache_usage=bm.usage, prefix_cache_queries=s.prefix_cache_queries,
+            prefix_cache_hits=s.prefix_cache_hits, num_preemptions=s.num_preemptions)
+
+    def drain_block_events(self) -> list[BlockEvent]:
+        return self.block_manager.drain_events()
+
+    # ---- memory ------------------------------------------------------------------------
+    def _auto_num_blocks(self) -> int:
+        per_block = self.kv_spec.bytes_per_block
+        if self.device.type != "cuda":
+            return max(16, int(self.config.cpu_kv_cache_gib * 2**30) // per_block)
+        torch.cuda.synchronize(self.device)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(self.device)
+        self._profile_forward()
+        peak = torch.cuda.max_memory_allocated(self.device)
+        free, total = torch.cuda.mem_get_info(self.device)
+        used_by_others = total - free - torch.cuda.memory_reserved(self.device)
+        budget = total * self.config.gpu_memory_utilization - peak - used_by_others
+        num = int(budget // per_block)
+        if num < 1:
+            raise ValueError("not enough GPU memory for the KV cache; raise gpu_memory_utilization")
+        self.kv_tokens_capacity = num * self.config.block_size
+        return num
+
+    def _profile_forward(self) -> None:
+        """One forward of ``max_num_batched_tokens`` tokens on a scratch cache, to
+        measure peak activation memory."""
+        from engine.outputs import ScheduledRequest, SchedulerOutput
+        n = min(self.config.max_num_batched_tokens, self.config.max_model_len or 1 << 30,
+                self.model_config.max_position_embeddings)
+        blocks = math.ceil(n / self.config.block_size)
+        scratch = KVCache(self.kv_spec, blocks, self.device)
+        runner = ModelRunner(self.model, scratch, self.backend, self.device, n)
+        sched = SchedulerOutput([ScheduledRequest("profile", [0] * n, 0, list(range(blocks)), True)])
+        fake = Request("profile", [0] * n, SamplingParams(max_tokens=1))
+        runner.execute(sched, {"profile": fake})
+        del scratch, runner
+        torch.cuda.synchronize(self.device)
+
+    def _install_cuda_graphs(self) -> None:
+        try:
+            from engine.cuda_graphs import CUDAGraphRunner
+        except ImportError:
+            return
+        self.runner.graphs = CUDAGraphRunner(self.runner, self.config.max_num_seqs)

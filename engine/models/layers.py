@@ -1,0 +1,285 @@
+"""Building blocks of the decoder: norms, rotary embedding, linears, MLP activation.
+
+Decisions:
+- Parameters are created with ``torch.empty`` (no init): every weight comes from
+  ``load_weights`` or from the loader's dummy init, so building a big model is
+  free. The loader builds on the ``meta`` device and materializes straight on
+  the target device/dtype (see ``materialize``).
+- Linears are tensor-parallel shaped even though TP is 1 today: a column
+  linear owns a slice of output features, a row linear a slice of input
+  features, and each parameter carries a ``weight_loader(param, loaded,
+  shard_id)`` that copies the right slice of an HF tensor. Fused linears
+  (``QKVLinear``, ``MergedColumnLinear``) stack HF's separate q/k/v and
+  gate/up tensors; their shard ids are "q"/"k"/"v" and 0/1.
+- RoPE follows HF's ``rotate_half`` layout (first half / second half of the
+  head dim), which is what HF checkpoints assume. The cos/sin table is built
+  lazily in fp32 on the device of the first call, up to
+  ``max_position_embeddings`` (grown on demand if a position exceeds it).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+# ---------------------------------------------------------------- norms / act
+
+class RMSNorm(nn.Module):
+    """RMSNorm computed in fp32 (as HF does), optionally fused with the residual add.
+
+    ``forward(x)`` → normed; ``forward(x, residual)`` → ``(normed(x + residual), x + residual)``.
+    """
+
+    def __init__(self, hidden_size: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.empty(hidden_size), requires_grad=False)
+
+    def _norm(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        if residual is None:
+            return self._norm(x)
+        x = x + residual
+        return self._norm(x), x
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """``[..., 2I]`` (gate ‖ up) → ``silu(gate) * up`` ``[..., I]``."""
+    gate, up = x.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+# ---------------------------------------------------------------- linears
+
+def _copy_checked(param: torch.Tensor, loaded: torch.Tensor, what: str) -> None:
+    if tuple(param.shape) != tuple(loaded.shape):
+        raise ValueError(f"{what}: checkpoint shape {tuple(loaded.shape)} != parameter shape {tuple(param.shape)}")
+    param.data.copy_(loaded)
+
+
+class _Linear(nn.Module):
+    """``y = x W^T (+ b)`` with a ``[out, in]`` weight (this rank's shard)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool):
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
+        self.weight.weight_loader = self.weight_loader
+        if bias:
+            self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False)
+            self.bias.weight_loader = self.weight_loader
+        else:
+            self.register_parameter("bias", None)
+
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
+        _copy_checked(param, loaded, type(self).__name__)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class ColumnLinear(_Linear):
+    """Output features split across TP ranks (rank r owns rows ``[r*out/tp, (r+1)*out/tp)``)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False,
+                 tp_rank: int = 0, tp_size: int = 1):
+        if out_features % tp_size:
+            raise ValueError(f"output size {out_features} not divisible by tp_size {tp_size}")
+        self.tp_rank, self.tp_size = tp_rank, tp_size
+        super().__init__(in_features, out_features // tp_size, bias)
+
+    def weight_loader(self, param, loaded, shard_id=None) -> None:
+        n = param.shape[0]
+        _copy_checked(param, loaded.narrow(0, self.tp_rank * n, n), type(self).__name__)
+
+
+class RowLinear(_Linear):
+    """Input features split across TP ranks; a TP>1 caller all-reduces the output.
+
+    The bias (if any) is added by rank 0 only, so the all-reduce adds it once.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False,
+                 tp_rank: int = 0, tp_size: int = 1):
+        if in_features % tp_size:
+            raise ValueError(f"input size {in_features} not divisible by tp_size {tp_size}")
+        self.tp_rank, self.tp_size = tp_rank, tp_size
+        super().__init__(in_features // tp_size, out_features, bias)
+
+    def weight_loader(self, param, loaded, shard_id=None) -> None:
+        if param.dim() == 2:
+            n = param.shape[1]
+            loaded = loaded.narrow(1, self.tp_rank * n, n)
+        _copy_checked(param, loaded, type(self).__name__)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias if self.tp_rank == 0 else None)
+
+
+class MergedColumnLinear(ColumnLinear):
+    """Several column linears of equal input stacked on the output axis (gate ‖ up).
+
+    ``shard_id`` is the index of the HF tensor in ``output_sizes``.
+    """
+
+    def __init__(self, in_features: int, output_sizes: list[int], bias: bool = False,
+                 tp_rank: int = 0, tp_size: int = 1):
+        self.output_sizes = list(output_sizes)
+        super().__init__(in_features, sum(output_sizes), bias, tp_rank, tp_size)
+
+    def weight_loader(self, param, loaded, shard_id=None) -> None:
+        if shard_id is None:  # already fused in the checkpoint
+            return super().weight_loader(param, loaded)
+        sizes = [s // self.tp_size for s in self.output_sizes]
+        offset = sum(sizes[:shard_id])
+        n = sizes[shard_id]
+        _copy_checked(param.narrow(0, offset, n), loaded.narrow(0, self.tp_rank * n, n),
+                      f"{type(self).__name__}[{shard_id}]")
+
+
+class QKVLinear(ColumnLinear):
+    """q ‖ k ‖ v projection for GQA. Each rank owns ``H/tp`` query heads and
+    ``KH/tp`` kv heads (kv heads are replicated when ``tp_size > KH``)."""
+
+    def __init__(self, hidden_size: int, head_dim: int, num_heads: int, num_kv_heads: int,
+                 bias: bool = False, tp_rank: int = 0, tp_size: int = 1):
+        if num_heads % tp_size:
+            raise ValueError(f"num_heads {num_heads} not divisible by tp_size {tp_size}")
+        self.head_dim = head_dim
+        self.num_heads = num_heads // tp_size
+        self.num_kv_heads = max(1, num_kv_heads // tp_size)
+        self.kv_replicas = max(1, tp_size // num_kv_heads)
+        out = (self.num_heads + 2 * self.num_kv_heads) * head_dim
+        self.tp_rank, self.tp_size = tp_rank, tp_size
+        _Linear.__init__(self, hidden_size, out, bias)
+
+    @property
+    def q_size(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_size(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+    def weight_loader(self, param, loaded, shard_id=None) -> None:
+        if shard_id is None:
+            raise ValueError("QKVLinear loads q/k/v separately (shard_id 'q', 'k' or 'v')")
+        if shard_id == "q":
+            offset, n, rank = 0, self.q_size, self.tp_rank
+        else:
+            offset = self.q_size + (0 if shard_id == "k" else self.kv_size)
+            n, rank = self.kv_size, self.tp_rank // self.kv_replicas
+        _copy_checked(param.narrow(0, offset, n), loaded.narrow(0, rank * n, n),
+                      f"QKVLinear[{shard_id}]")
+
+
+class VocabEmbedding(nn.Module):
+    """Token embedding ``[vocab, hidden]`` (TP would split the vocab rows)."""
+
+    def __init__(self, vocab_size: int, hidden_size: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(vocab_size, hidden_size), requires_grad=False)
+        self.weight.weight_loader = self.weight_loader
+
+    def weight_loader(self, param, loaded, shard_id=None) -> None:
+        _copy_checked(param, loaded, "VocabEmbedding")
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(input_ids, self.weight)
+
+
+# ---------------------------------------------------------------- rotary
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None) -> torch.Tensor:
+    """Inverse frequencies ``[head_dim/2]`` (fp32), with the rope scaling applied.
+
+    Supported ``rope_type``: default, linear, llama3. Others raise ValueError.
+    """
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu").float() / head_dim))
+    kind = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
+    if kind == "default":
+        return inv_freq
+    if kind == "linear":
+        return inv_freq / float(scaling["factor"])
+    if kind == "llama3":
+        # Llama 3.1: keep high frequencies, divide low ones by `factor`, and
+        # interpolate smoothly in the band between the two wavelength cutoffs.
+        factor = float(scaling["factor"])
+        low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
+        old_len = float(scaling["original_max_position_embeddings"])
+        wavelen = 2 * math.pi / inv_freq
+        smooth = (old_len / wavelen - low) / (high - low)
+        interpolated = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+        out = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+        in_band = (wavelen <= old_len / low) & (wavelen >= old_len / high)
+        return torch.where(in_band, interpolated, out)
+    raise ValueError(f"unsupported rope_scaling type {kind!r} (supported: default, linear, llama3)")
+
+
+class RotaryEmbedding(nn.Module):
+    """Applies RoPE to q ``[T, H, D]`` and k ``[T, KH, D]`` at ``positions [T]``."""
+
+    def __init__(self, head_dim: int, max_position: int, theta: float, scaling: dict | None):
+        super().__init__()
+        self.head_dim = head_dim
+        self.max_position = max_position
+        self.inv_freq_cpu = rope_inv_freq(head_dim, theta, scaling)   # plain attr: not a buffer
+        self._cos_sin: torch.Tensor | None = None   # [max_position, D] cos ‖ [max_position, D] sin
+
+    def _table(self, device: torch.device, needed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        cache = self._cos_sin
+        if cache is None or cache.device != device or cache.shape[1] < needed:
+            n = max(self.max_position, needed)
+            t = torch.arange(n, dtype=torch.float32, device=device)
+            freqs = torch.outer(t, self.inv_freq_cpu.to(device))
+            emb = torch.cat([freqs, freqs], dim=-1)
+            cache = self._cos_sin = torch.stack([emb.cos(), emb.sin()])
+        return cache[0], cache[1]
+
+    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
+        cos, sin = self._table(positions.device, self.max_position)
+        # On CPU a position past the table grows it; on GPU the runner keeps
+        # positions < max_model_len <= max_position (no host sync here).
+        if positions.device.type == "cpu" and positions.numel() and int(positions.max()) >= cos.shape[0]:
+            cos, sin = self._table(positions.device, int(positions.max()) + 1)
+        cos = cos[positions].unsqueeze(1)   # [T, 1, D]
+        sin = sin[positions].unsqueeze(1)
+        return _apply_rope(q, cos, sin), _apply_rope(k, cos, sin)
+
+
+def _apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    dtype = x.dtype
+    xf = x.float()
+    x1, x2 = xf.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return (xf * cos + rotated * sin).to(dtype)
+
+
+# ---------------------------------------------------------------- materialize
+
+@torch.no_grad()
+def materialize(module: nn.Module, dtype: torch.dtype, device: torch.device) -> None:
+    """Replace every (meta) parameter by an uninitialized tensor of ``dtype`` on
+    ``device``, keeping shared parameters shared and ``weight_loader`` attached."""
+    done: dict[int, nn.Parameter] = {}
+    for mod in module.modules():
+        for name, p in list(mod._parameters.items()):
+            if p is None:
+                continue
+            new = done.get(id(p))
+            if new is None:
+                new = nn.Parameter(torch.empty(p.shape, dtype=dtype, device=device), requires_grad=False)
+                if hasattr(p, "weight_loader"):
+                    new.weight_loader = p.weight_loader
+                done[id(p)] = new
+            mod._parameters[name] = new
