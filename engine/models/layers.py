@@ -66,6 +66,13 @@ def _copy_checked(param: torch.Tensor, loaded: torch.Tensor, what: str) -> None:
     param.data.copy_(loaded)
 
 
+def default_weight_loader(param: torch.Tensor, loaded: torch.Tensor, shard_id=None) -> None:
+    """Whole-tensor copy (norm weights and other unsharded parameters)."""
+    if shard_id is not None:
+        raise ValueError("this parameter has no shards")
+    _copy_checked(param, loaded, "parameter")
+
+
 class _Linear(nn.Module):
     """``y = x W^T (+ b)`` with a ``[out, in]`` weight (this rank's shard)."""
 

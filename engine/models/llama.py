@@ -29,7 +29,8 @@ from torch import nn
 
 from engine.attention import get_forward_context
 from engine.models.layers import (ColumnLinear, MergedColumnLinear, QKVLinear, RMSNorm,
-                                  RotaryEmbedding, RowLinear, VocabEmbedding, silu_and_mul)
+                                  RotaryEmbedding, RowLinear, VocabEmbedding, default_weight_loader,
+                                  silu_and_mul)
 
 ARCHITECTURES = ("llama", "mistral", "qwen2")
 _ARCH_BY_CLASS = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral",
@@ -257,7 +258,8 @@ class LlamaForCausalLM(nn.Module):
             param = params.get(name)
             if param is None:
                 raise ValueError(f"unexpected weight {name!r} in checkpoint")
-            param.weight_loader(param, tensor, shard_id)   # copy_ converts dtype/device
+            loader = getattr(param, "weight_loader", default_weight_loader)
+            loader(param, tensor, shard_id)   # copy_ converts dtype/device
             if shard_id is None:
                 loaded.add(name)
             else:

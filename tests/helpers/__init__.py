@@ -1,0 +1,1 @@
+"""Shared test helpers (tiny real models, fixture paths). Import from submodules."""
