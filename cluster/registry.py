@@ -1,0 +1,185 @@
+"""Registry: which workers exist, which are alive, and how loaded they are.
+
+Lifecycle of a worker in the registry (key patterns in ``cluster/keys.py``):
+1. ``register(info)`` when its gRPC server is up — from then on it is routable
+   (``list_live``). ``info.epoch`` is new for every worker start (``new_epoch()``).
+2. ``heartbeat(info, stats)`` every ``heartbeat_interval_s``: rewrites the
+   ``workers`` entry (so an emptied Redis refills), refreshes the alive key's
+   TTL and stores the load numbers. ``Heartbeat`` does this from a thread.
+3. Draining: the controller calls ``set_draining(worker_id)``; the flag lives
+   in its own set (``{ns}:draining``) so heartbeats cannot undo it; routers
+   send no new requests to a draining worker.
+4. ``deregister(worker_id)`` when it leaves or is found dead: drops its entry,
+   alive key, stats, draining flag and every prefix-index entry it wrote.
+
+A worker is live when its alive key holds its current epoch. If the alive key
+expires (crash, hang, partition), the worker is dead to routers at once; the
+controller deregisters it when it replaces it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable
+
+from cluster import keys
+from cluster.prefix_index import arun_commands, drop_worker_commands, run_commands
+
+log = logging.getLogger(__name__)
+
+ROLES = ("prefill", "decode", "colocated")
+
+
+def new_epoch() -> str:
+    """A fresh random epoch for one worker start."""
+    return secrets.token_hex(8)
+
+
+@dataclass
+class WorkerInfo:
+    worker_id: str
+    role: str
+    address: str                    # host:port of the worker's gRPC server
+    epoch: str = field(default_factory=new_epoch)
+    model: str = ""
+    block_size: int = 16
+    draining: bool = False
+    started_at: float = field(default_factory=time.time)
+
+    def __post_init__(self) -> None:
+        if self.role not in ROLES:
+            raise ValueError(f"role must be one of {ROLES}, got {self.role!r}")
+        if not self.worker_id or ":" in self.worker_id:
+            raise ValueError(f"worker_id must be non-empty without ':', got {self.worker_id!r}")
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, text: str) -> "WorkerInfo":
+        data = json.loads(text)
+        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        return cls(**known)
+
+
+@dataclass
+class WorkerRecord:
+    """One registry entry as read back: the info, whether it is alive, its last stats."""
+    info: WorkerInfo
+    alive: bool
+    stats: dict = field(default_factory=dict)
+
+
+class Registry:
+    def __init__(self, client: Any, namespace: str = keys.DEFAULT_NAMESPACE, ttl_s: float = 5.0) -> None:
+        self.client = client
+        self.ns = namespace
+        self.ttl_s = ttl_s
+
+    # -- writes -----------------------------------------------------------
+    def _heartbeat_commands(self, info: WorkerInfo, stats: dict | None) -> list:
+        ttl_ms = max(1, int(self.ttl_s * 1000))
+        cmds = [("hset", (keys.workers_key(self.ns), info.worker_id, info.to_json())),
+                ("set", (keys.alive_key(info.worker_id, self.ns), info.epoch, None, ttl_ms))]
+        if stats is not None:
+            cmds.append(("set", (keys.stats_key(info.worker_id, self.ns), json.dumps(stats), None, ttl_ms)))
+        return cmds
+
+    def register(self, info: WorkerInfo, stats: dict | None = None) -> None:
+        run_commands(self.client, self._heartbeat_commands(info, stats))
+
+    heartbeat = register
+
+    async def aregister(self, info: WorkerInfo, stats: dict | None = None) -> None:
+        await arun_commands(self.client, self._heartbeat_commands(info, stats))
+
+    aheartbeat = aregister
+
+    def set_draining(self, worker_id: str, draining: bool = True) -> None:
+        if draining:
+            self.client.sadd(keys.draining_key(self.ns), worker_id)
+        else:
+            self.client.srem(keys.draining_key(self.ns), worker_id)
+
+    def deregister(self, worker_id: str) -> int:
+        """Forget ``worker_id`` and drop its prefix-index entries. Returns how many entries were dropped."""
+        members = self.client.smembers(keys.worker_blocks_key(worker_id, self.ns))
+        cmds = [("hdel", (keys.workers_key(self.ns), worker_id)),
+                ("delete", (keys.alive_key(worker_id, self.ns), keys.stats_key(worker_id, self.ns))),
+                ("srem", (keys.draining_key(self.ns), worker_id)),
+                *drop_worker_commands(worker_id, members, self.ns)]
+        run_commands(self.client, cmds)
+        return len(members)
+
+    # -- reads ------------------------------------------------------------
+    def snapshot(self) -> list[WorkerRecord]:
+        """Every registered worker with its liveness and stats (two round trips)."""
+        entries, draining = run_commands(self.client, [("hgetall", (keys.workers_key(self.ns),)),
+                                                       ("smembers", (keys.draining_key(self.ns),))])
+        infos = [WorkerInfo.from_json(v) for _, v in sorted(entries.items())]
+        if not infos:
+            return []
+        ids = [i.worker_id for i in infos]
+        epochs, stats = run_commands(self.client, [
+            ("mget", ([keys.alive_key(w, self.ns) for w in ids],)),
+            ("mget", ([keys.stats_key(w, self.ns) for w in ids],))])
+        out = []
+        for info, epoch, st in zip(infos, epochs, stats):
+            info.draining = info.worker_id in draining
+            out.append(WorkerRecord(info, alive=(epoch == info.epoch), stats=json.loads(st) if st else {}))
+        return out
+
+    def list_live(self, role: str | None = None) -> list[WorkerInfo]:
+        return [r.info for r in self.snapshot() if r.alive and (role is None or r.info.role == role)]
+
+
+class Heartbeat:
+    """Background thread: ``registry.heartbeat(info, stats_fn())`` every ``interval_s``,
+    then ``writer.maintain()`` if a prefix-index writer is given. Errors are logged
+    (once per outage) and retried; the worker keeps serving.
+
+    Lifecycle: ``start()`` after the first ``register``; ``stop()`` before ``deregister``."""
+
+    def __init__(self, registry: Registry, info: WorkerInfo, interval_s: float = 1.0,
+                 stats_fn: Callable[[], dict] | None = None, writer: Any = None) -> None:
+        self.registry = registry
+        self.info = info
+        self.interval_s = interval_s
+        self.stats_fn = stats_fn
+        self.writer = writer
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.ok = True
+
+    def beat(self) -> bool:
+        try:
+            self.registry.heartbeat(self.info, self.stats_fn() if self.stats_fn else None)
+            if self.writer is not None:
+                self.writer.maintain()
+            if not self.ok:
+                log.info("heartbeat for %s restored", self.info.worker_id)
+            self.ok = True
+        except Exception as e:
+            if self.ok:
+                log.warning("heartbeat for %s failed: %s", self.info.worker_id, e)
+            self.ok = False
+        return self.ok
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.beat()
+
+    def start(self) -> "Heartbeat":
+        self._thread = threading.Thread(target=self._run, name=f"heartbeat-{self.info.worker_id}", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=self.interval_s + 1.0)

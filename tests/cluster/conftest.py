@@ -1,0 +1,33 @@
+"""Fixtures for cluster tests: a real, private redis-server per test.
+
+``redis_server`` yields a started ``cluster.redis_server.RedisServer`` (free
+port, no persistence) and kills it on teardown; tests may ``stop()`` and
+``start()`` it again on the same port to simulate an outage. ``redis_client``
+is a ``decode_responses=True`` client on it.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from cluster import redis_server as rs
+
+
+@pytest.fixture
+def redis_server():
+    if not rs.available():
+        pytest.skip("redis-server binary not found")
+    server = rs.RedisServer().start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def redis_client(redis_server):
+    from cluster.store import connect
+
+    client = connect(redis_server.url)
+    yield client
+    client.close()
