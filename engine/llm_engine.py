@@ -41,7 +41,6 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 class LLMEngine:
     def __init__(self, config: EngineConfig):
         from engine.models.loader import load_model
-        from engine.tokenizer import Tokenizer
 
         self.config = config
         self.device = torch.device(config.device)
@@ -50,7 +49,10 @@ class LLMEngine:
                             hf_overrides=config.hf_overrides)
         self.model = loaded.model
         self.model_config = mc = loaded.config
-        self.tokenizer = Tokenizer.from_path(config.tokenizer) if config.tokenizer else loaded.tokenizer
+        self.tokenizer = loaded.tokenizer
+        if config.tokenizer:
+            from engine.tokenizer import Tokenizer
+            self.tokenizer = Tokenizer.from_path(config.tokenizer)
         self.eos_token_ids = tuple(mc.eos_token_ids) or (
             tuple(self.tokenizer.eos_token_ids) if self.tokenizer else ())
         self.kv_spec = KVCacheSpec(mc.num_hidden_layers, mc.num_key_value_heads, mc.head_dim,
