@@ -160,6 +160,15 @@ class MemoryStore:
             h[k] = _text(v)
         return added
 
+    def _cmd_hsetnx(self, name, key, value):
+        h = self._get(name, dict)
+        if h is None:
+            h = self._data[name] = {}
+        if _text(key) in h:
+            return False
+        h[_text(key)] = _text(value)
+        return True
+
     def _cmd_hget(self, name, key):
         h = self._get(name, dict)
         return None if h is None else h.get(_text(key))

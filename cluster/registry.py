@@ -3,14 +3,16 @@
 Lifecycle of a worker in the registry (key patterns in ``cluster/keys.py``):
 1. ``register(info)`` when its gRPC server is up — from then on it is routable
    (``list_live``). ``info.epoch`` is new for every worker start (``new_epoch()``).
-2. ``heartbeat(info, stats)`` every ``heartbeat_interval_s``: rewrites the
-   ``workers`` entry (so an emptied Redis refills), refreshes the alive key's
-   TTL and stores the load numbers. ``Heartbeat`` does this from a thread.
-3. Draining: the controller calls ``set_draining(worker_id)``; the flag lives
-   in its own set (``{ns}:draining``) so heartbeats cannot undo it; routers
-   send no new requests to a draining worker.
+2. ``heartbeat(info, stats)`` every ``heartbeat_interval_s``: refreshes the
+   alive key's TTL, stores the load numbers (``stats_key``) and re-creates the
+   ``workers`` entry if it vanished (``HSETNX``: a Redis that restarted empty
+   refills itself). ``Heartbeat`` does this from a thread.
+3. Draining: the controller calls ``set_draining(worker_id)``, which rewrites
+   the entry with ``draining=true``; heartbeats never overwrite an existing
+   entry, so they cannot undo it. Routers send no new requests to a draining
+   worker. (After a Redis restart the controller re-asserts the flag.)
 4. ``deregister(worker_id)`` when it leaves or is found dead: drops its entry,
-   alive key, stats, draining flag and every prefix-index entry it wrote.
+   alive key, stats and every prefix-index entry it wrote.
 
 A worker is live when its alive key holds its current epoch. If the alive key
 expires (crash, hang, partition), the worker is dead to routers at once; the
@@ -50,6 +52,7 @@ class WorkerInfo:
     block_size: int = 16
     draining: bool = False
     started_at: float = field(default_factory=time.time)
+    max_model_len: int | None = None
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:
@@ -82,36 +85,45 @@ class Registry:
         self.ttl_s = ttl_s
 
     # -- writes -----------------------------------------------------------
-    def _heartbeat_commands(self, info: WorkerInfo, stats: dict | None) -> list:
+    def _commands(self, info: WorkerInfo, stats: dict | None, overwrite: bool) -> list:
         ttl_ms = max(1, int(self.ttl_s * 1000))
-        cmds = [("hset", (keys.workers_key(self.ns), info.worker_id, info.to_json())),
+        entry = "hset" if overwrite else "hsetnx"
+        cmds = [(entry, (keys.workers_key(self.ns), info.worker_id, info.to_json())),
                 ("set", (keys.alive_key(info.worker_id, self.ns), info.epoch, None, ttl_ms))]
         if stats is not None:
             cmds.append(("set", (keys.stats_key(info.worker_id, self.ns), json.dumps(stats), None, ttl_ms)))
         return cmds
 
     def register(self, info: WorkerInfo, stats: dict | None = None) -> None:
-        run_commands(self.client, self._heartbeat_commands(info, stats))
+        """Write the entry (overwriting an older incarnation's) and mark the worker alive."""
+        run_commands(self.client, self._commands(info, stats, overwrite=True))
 
-    heartbeat = register
+    def heartbeat(self, info: WorkerInfo, stats: dict | None = None) -> None:
+        """Refresh the alive TTL and stats; re-create the entry only if it is missing."""
+        run_commands(self.client, self._commands(info, stats, overwrite=False))
 
     async def aregister(self, info: WorkerInfo, stats: dict | None = None) -> None:
-        await arun_commands(self.client, self._heartbeat_commands(info, stats))
+        await arun_commands(self.client, self._commands(info, stats, overwrite=True))
 
-    aheartbeat = aregister
+    async def aheartbeat(self, info: WorkerInfo, stats: dict | None = None) -> None:
+        await arun_commands(self.client, self._commands(info, stats, overwrite=False))
 
-    def set_draining(self, worker_id: str, draining: bool = True) -> None:
-        if draining:
-            self.client.sadd(keys.draining_key(self.ns), worker_id)
-        else:
-            self.client.srem(keys.draining_key(self.ns), worker_id)
+    def set_draining(self, worker_id: str, draining: bool = True) -> bool:
+        """Flag (or unflag) a registered worker as draining. False if it is not registered."""
+        text = self.client.hget(keys.workers_key(self.ns), worker_id)
+        if text is None:
+            return False
+        info = WorkerInfo.from_json(text)
+        if info.draining != draining:
+            info.draining = draining
+            self.client.hset(keys.workers_key(self.ns), worker_id, info.to_json())
+        return True
 
     def deregister(self, worker_id: str) -> int:
         """Forget ``worker_id`` and drop its prefix-index entries. Returns how many entries were dropped."""
         members = self.client.smembers(keys.worker_blocks_key(worker_id, self.ns))
         cmds = [("hdel", (keys.workers_key(self.ns), worker_id)),
                 ("delete", (keys.alive_key(worker_id, self.ns), keys.stats_key(worker_id, self.ns))),
-                ("srem", (keys.draining_key(self.ns), worker_id)),
                 *drop_worker_commands(worker_id, members, self.ns)]
         run_commands(self.client, cmds)
         return len(members)
@@ -119,8 +131,7 @@ class Registry:
     # -- reads ------------------------------------------------------------
     def snapshot(self) -> list[WorkerRecord]:
         """Every registered worker with its liveness and stats (two round trips)."""
-        entries, draining = run_commands(self.client, [("hgetall", (keys.workers_key(self.ns),)),
-                                                       ("smembers", (keys.draining_key(self.ns),))])
+        entries = self.client.hgetall(keys.workers_key(self.ns))
         infos = [WorkerInfo.from_json(v) for _, v in sorted(entries.items())]
         if not infos:
             return []
@@ -130,7 +141,6 @@ class Registry:
             ("mget", ([keys.stats_key(w, self.ns) for w in ids],))])
         out = []
         for info, epoch, st in zip(infos, epochs, stats):
-            info.draining = info.worker_id in draining
             out.append(WorkerRecord(info, alive=(epoch == info.epoch), stats=json.loads(st) if st else {}))
         return out
 

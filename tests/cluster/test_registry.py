@@ -1,3 +1,4 @@
+import json
 import time
 
 import pytest
@@ -53,9 +54,10 @@ def test_draining_survives_heartbeats(client):
     reg = Registry(client)
     d = _info("decode-1")
     reg.register(d)
-    reg.set_draining("decode-1")
+    assert reg.set_draining("decode-1") is True
     reg.heartbeat(d)
     assert reg.list_live()[0].draining is True
+    assert json.loads(client.hget(keys.workers_key(), "decode-1"))["draining"] is True   # what routers read
     reg.set_draining("decode-1", False)
     assert reg.list_live()[0].draining is False
 
@@ -74,7 +76,8 @@ def test_deregister_drops_index_entries(client):
     assert [i.worker_id for i in reg.list_live()] == ["decode-b"]
     assert client.hgetall(keys.block_key("m", 1)) == {"decode-b": b.epoch}
     assert client.exists(keys.block_key("m", 2), keys.block_key("m", 3), keys.worker_blocks_key("decode-a"),
-                         keys.alive_key("decode-a"), keys.draining_key()) == 0
+                         keys.alive_key("decode-a")) == 0
+    assert reg.set_draining("decode-a") is False
 
 
 def test_info_validation_and_json_roundtrip():

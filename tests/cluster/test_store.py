@@ -14,6 +14,7 @@ def _script(c):
     out.append(c.hset("h", "a", 1))
     out.append(c.hset("h", mapping={"a": "2", "b": "x"}))
     out.append(c.hget("h", "a"))
+    out.append([bool(c.hsetnx("h", "a", "3")), bool(c.hsetnx("h", "n", "3")), c.hdel("h", "n")])
     out.append(c.hmget("h", ["a", "zz", "b"]))
     out.append(sorted(c.hgetall("h").items()))
     out.append(c.hdel("h", "a", "zz"))
