@@ -232,7 +232,7 @@ def _load_gguf(path: Path, dtype, device, overrides, name) -> LoadedModel:
     weights = _progress(gguf_tensors(reader, config, arch), path.stat().st_size,
                         len(reader.tensors), f"loading {path.name}")
     model.load_weights(_skip_extra_layers(weights, config.num_hidden_layers))
-    return LoadedModel(model, config, Tokenizer.from_path(path), name)
+    return LoadedModel(model, config, Tokenizer.from_gguf(path, reader), name)
 
 
 # ---------------------------------------------------------------- dummy

@@ -9,6 +9,7 @@ config field can be overridden by keyword.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 from pathlib import Path
 
@@ -60,3 +61,11 @@ def make_tiny_model(dir, arch: str = "llama", *, vocab_size: int | None = None, 
         from engine.tokenizer import Tokenizer
         Tokenizer.from_path(smollm2_gguf_path()).save_pretrained(out)
     return out
+
+
+@functools.lru_cache(maxsize=1)
+def hf_smollm2_tokenizer():
+    """transformers' tokenizer loaded from the SmolLM2 GGUF (the reference; cached per process)."""
+    from transformers import AutoTokenizer
+    path = smollm2_gguf_path()
+    return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
