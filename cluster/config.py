@@ -63,6 +63,8 @@ class PoolSection:
     """Controller replaces workers whose actor died."""
     drain_timeout_s: float = 60.0
     """Longest wait for a draining worker to finish its requests before it is killed anyway."""
+    resources: dict = field(default_factory=dict, hash=False, compare=False)
+    """Extra Ray resources per role, e.g. ``{prefill: {baton_prefill: 1}}`` to pin pools to node groups."""
 
     def __post_init__(self) -> None:
         for role in ROLES:
@@ -83,6 +85,11 @@ class PoolSection:
             raise ValueError("pools.tp > 1 needs pools.num_gpus > 0")
         if self.drain_timeout_s <= 0:
             raise ValueError("pools.drain_timeout_s must be > 0")
+        for role, res in self.resources.items():
+            if role not in ROLES or not isinstance(res, dict) or not all(
+                    isinstance(k, str) and isinstance(v, (int, float)) and v >= 0 for k, v in res.items()):
+                raise ValueError(f"pools.resources must map a role in {ROLES} to {{resource: amount >= 0}}, "
+                                 f"got {role!r}: {res!r}")
 
     def count(self, role: str) -> int:
         return getattr(self, _check_role(role))

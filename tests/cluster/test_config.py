@@ -21,6 +21,8 @@ def test_yaml_then_overrides(tmp_path):
     assert c.engine.dtype == "float32"          # None overrides are skipped (unset CLI flags)
     c2 = load_config(f, ["pools.num_cpus=1", "router.options={policy: load}"])
     assert c2.pools.num_cpus == 1.0 and c2.router.options == {"policy": "load"}
+    c3 = load_config(overrides=["pools.resources={prefill: {baton_prefill: 1}, decode: {baton_decode: 1}}"])
+    assert c3.pools.resources["decode"] == {"baton_decode": 1}
 
 
 def test_engine_section_builds_engine_config():
@@ -43,6 +45,7 @@ def test_engine_section_builds_engine_config():
     ({"router.bogus": 1}, "unknown keys in 'router'"),
     ({"bogus.x": 1}, "SECTION.FIELD"),
     ({"pools.restart_dead": 1}, "must be bool"),
+    ({"pools.resources": {"router": {"x": 1}}}, "pools.resources"),
 ])
 def test_validation_errors_name_the_key(overrides, message):
     with pytest.raises(ValueError, match=message):
