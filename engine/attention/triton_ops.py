@@ -113,13 +113,13 @@ def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
 @triton.jit
 def _decode_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, seq_lens_ptr, qsl_ptr,
                    out_ptr, part_o_ptr, part_lse_ptr,
-                   qk_scale,
+                   qk_scale, num_splits,
                    stride_qt, stride_qh, stride_ot, stride_oh,
                    stride_cb, stride_ct, stride_ch, stride_bt,
                    GROUP: tl.constexpr, BLOCK_H: tl.constexpr,
                    HEAD_DIM: tl.constexpr, D_P: tl.constexpr,
                    BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
-                   NUM_SPLITS: tl.constexpr, MIXED: tl.constexpr, DOT_PREC: tl.constexpr):
+                   SINGLE_SPLIT: tl.constexpr, MIXED: tl.constexpr, DOT_PREC: tl.constexpr):
     b = tl.program_id(0)
     kh = tl.program_id(1)
     split = tl.program_id(2)
@@ -134,7 +134,7 @@ def _decode_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, seq_lens_ptr, qsl_ptr,
     if is_decode:
         seq_len = tl.load(seq_lens_ptr + b)
         # keys of this split: a tile-aligned share of this request's context, read on the device
-        split_len = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
+        split_len = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
         start = split * split_len
         end = tl.minimum(start + split_len, seq_len)
 
@@ -171,12 +171,12 @@ def _decode_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, seq_lens_ptr, qsl_ptr,
 
         omask = hmask[:, None] & dmask[None, :]
         o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]    # empty context → zeros, not NaN
-        if NUM_SPLITS == 1:
+        if SINGLE_SPLIT:
             tl.store(out_ptr + row.to(tl.int64) * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
                      o.to(out_ptr.dtype.element_ty), mask=omask)
         else:
-            # workspace [B, H, NUM_SPLITS, HEAD_DIM] fp32 and lse [B, H, NUM_SPLITS] (base 2)
-            part = (b.to(tl.int64) * num_heads + heads) * NUM_SPLITS + split
+            # workspace [B, H, num_splits, HEAD_DIM] fp32 and lse [B, H, num_splits] (base 2)
+            part = (b.to(tl.int64) * num_heads + heads) * num_splits + split
             tl.store(part_o_ptr + part[:, None] * HEAD_DIM + offs_d[None, :], o, mask=omask)
             lse = tl.where(l_i > 0, m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))
             tl.store(part_lse_ptr + part, lse, mask=hmask)
@@ -184,9 +184,9 @@ def _decode_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, seq_lens_ptr, qsl_ptr,
 
 @triton.jit
 def _decode_merge_kernel(part_o_ptr, part_lse_ptr, out_ptr, qsl_ptr,
-                         stride_ot, stride_oh,
+                         num_splits, stride_ot, stride_oh,
                          HEAD_DIM: tl.constexpr, D_P: tl.constexpr,
-                         NUM_SPLITS: tl.constexpr, S_P: tl.constexpr, MIXED: tl.constexpr):
+                         S_P: tl.constexpr, MIXED: tl.constexpr):
     b = tl.program_id(0)
     h = tl.program_id(1)
     if MIXED:
@@ -198,8 +198,8 @@ def _decode_merge_kernel(part_o_ptr, part_lse_ptr, out_ptr, qsl_ptr,
     if is_decode:
         offs_s = tl.arange(0, S_P)
         offs_d = tl.arange(0, D_P)
-        part = (b.to(tl.int64) * tl.num_programs(1) + h) * NUM_SPLITS + offs_s
-        lse = tl.load(part_lse_ptr + part, mask=offs_s < NUM_SPLITS, other=float("-inf"))
+        part = (b.to(tl.int64) * tl.num_programs(1) + h) * num_splits + offs_s
+        lse = tl.load(part_lse_ptr + part, mask=offs_s < num_splits, other=float("-inf"))
         valid = lse > float("-inf")     # empty splits never wrote their partial output
         mx = tl.max(lse, 0)
         mx = tl.where(mx > float("-inf"), mx, 0.0)
@@ -270,16 +270,16 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     D_P = _next_pow2(D)
     _decode_kernel[(B, KH, num_splits)](
         q, k_cache, v_cache, block_tables, seq_lens, qsl, out, part_o, part_lse,
-        scale * _LOG2E,
+        scale * _LOG2E, num_splits,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         GROUP=group, BLOCK_H=max(16, _next_pow2(group)), HEAD_DIM=D, D_P=D_P,
-        BLOCK_SIZE=block_size, BLOCK_N=block_n, NUM_SPLITS=num_splits, MIXED=mixed,
+        BLOCK_SIZE=block_size, BLOCK_N=block_n, SINGLE_SPLIT=num_splits == 1, MIXED=mixed,
         DOT_PREC=_dot_precision(k_cache.dtype), **cfg)
     if num_splits > 1:
         _decode_merge_kernel[(B, H)](
-            part_o, part_lse, out, qsl, out.stride(0), out.stride(1),
-            HEAD_DIM=D, D_P=D_P, NUM_SPLITS=num_splits, S_P=_next_pow2(num_splits), MIXED=mixed,
+            part_o, part_lse, out, qsl, num_splits, out.stride(0), out.stride(1),
+            HEAD_DIM=D, D_P=D_P, S_P=_next_pow2(num_splits), MIXED=mixed,
             num_warps=4 if D_P * _next_pow2(num_splits) >= 4096 else 2)
     return out
 
@@ -370,8 +370,10 @@ def _prefill_kernel(q_ptr, kc_ptr, vc_ptr, out_ptr, bt_ptr, seq_lens_ptr, qsl_pt
 
 def prefill_config(dtype: torch.dtype, head_dim: int) -> dict:
     """Tile sizes and launch shape of the prefill kernel (see benchmarks/attention_kernels.py)."""
-    if dtype == torch.float32:
-        return dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2)
+    if dtype == torch.float32:   # IEEE fp32 dots run on the FMA units: small tiles, no tensor cores
+        if head_dim <= 64:
+            return dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=2)
+        return dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=2)
     if head_dim <= 64:
         return dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3)
     if head_dim <= 128:
