@@ -123,6 +123,8 @@ class ModelConfig:
         qkv = h * (self.num_attention_heads + 2 * self.num_key_value_heads) * self.head_dim
         o = self.num_attention_heads * self.head_dim * h
         layer = qkv + o + 3 * h * i + 2 * h
+        if self.attention_bias:
+            layer += qkv // h + (h if self.o_bias else 0)
         return v * h * (1 if self.tie_word_embeddings else 2) + self.num_hidden_layers * layer + h
 
 

@@ -23,6 +23,7 @@ Decisions:
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import re
@@ -220,12 +221,19 @@ def gguf_tensors(reader, config: ModelConfig, arch: str) -> Iterator[tuple[str, 
         yield hf, w
 
 
-def _load_gguf(path: Path, dtype, device, overrides, name) -> LoadedModel:
+@functools.lru_cache(maxsize=2)
+def _gguf_reader(path: str, mtime_ns: int):
+    """Parsing a GGUF's metadata takes seconds (a Python object per vocab entry);
+    the reader only memory-maps the tensors, so keeping a couple open is cheap."""
     from gguf import GGUFReader
+    return GGUFReader(path)
 
+
+def _load_gguf(path: Path, dtype, device, overrides, name) -> LoadedModel:
     from engine.tokenizer import Tokenizer
 
-    reader = GGUFReader(str(path))
+    path = path.resolve()
+    reader = _gguf_reader(str(path), path.stat().st_mtime_ns)
     arch = reader.fields["general.architecture"].contents()
     config = ModelConfig.from_hf_dict({**gguf_hf_config(reader), **(overrides or {})})
     model = build_model(config, dtype, device)
