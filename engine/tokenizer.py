@@ -7,9 +7,11 @@ Decisions:
 - A GGUF tokenizer is rebuilt from the file's metadata (tokens, merges, token
   types, bos/eos, chat template). Only GPT-2 byte-level BPE (``tokenizer.ggml.model
   == "gpt2"``, SmolLM2/Qwen2/Llama 3) is supported. The pre-tokenizer is the
-  plain GPT-2 byte-level regex, exactly as transformers' GGUF loader builds it
-  (SmolLM2's vocabulary has no multi-digit or space-digit tokens, so this also
-  matches its original digit-splitting pre-tokenizer). Control tokens
+  GPT-2 byte-level regex, exactly as transformers' GGUF loader builds it for
+  SmolLM2's ``pre = "smollm"`` (its vocabulary has no multi-digit or
+  space-digit tokens, so this also matches its original digit-splitting
+  pre-tokenizer); Llama 3 and Qwen2 ``pre`` types get their own split regex
+  (not exercised by the tests here: only the SmolLM2 file is available). Control tokens
   (type 3) become special added tokens; user-defined ones (type 4) plain added
   tokens. Built GGUF tokenizers are cached per file (reading the metadata
   costs seconds).
@@ -34,11 +36,18 @@ import json
 from datetime import datetime
 from pathlib import Path
 
-from tokenizers import AddedToken, decoders, models, pre_tokenizers, processors
+from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
 from tokenizers import Tokenizer as _HFTokenizer
 
 _REPLACEMENT = "\ufffd"
 _SPECIAL_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token")
+# GGUF ``tokenizer.ggml.pre`` → the split regex its merges were learned with
+# (Llama 3's and Qwen2's public pre-tokenizer patterns); others use GPT-2's.
+_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_QWEN2_SPLIT = _LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}")
+_GGUF_SPLITS = {"llama3": _LLAMA3_SPLIT, "llama-v3": _LLAMA3_SPLIT, "llama-bpe": _LLAMA3_SPLIT,
+                "smaug-bpe": _LLAMA3_SPLIT, "qwen2": _QWEN2_SPLIT, "deepseek-r1-qwen": _QWEN2_SPLIT}
 _GGUF_CACHE: dict[tuple[str, int], "Tokenizer"] = {}   # (path, mtime) -> tokenizer (read-only use)
 
 
@@ -121,7 +130,13 @@ class Tokenizer:
         merges = [tuple(m.split(" ", 1)) for m in get("tokenizer.ggml.merges", [])]
         tok = _HFTokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges,
                                       fuse_unk=False, byte_fallback=False))
-        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+        split = _GGUF_SPLITS.get(get("tokenizer.ggml.pre"))
+        if split is None:
+            tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+        else:
+            tok.pre_tokenizer = pre_tokenizers.Sequence([
+                pre_tokenizers.Split(Regex(split), behavior="isolated"),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
         tok.decoder = decoders.ByteLevel()
         # control tokens are special (skipped on decode); user-defined ones are not
         tok.add_tokens([AddedToken(tokens[i], special=False, normalized=False)

@@ -14,7 +14,8 @@ Decisions:
 - RoPE follows HF's ``rotate_half`` layout (first half / second half of the
   head dim), which is what HF checkpoints assume. The cos/sin table is built
   lazily in fp32 on the device of the first call, up to
-  ``max_position_embeddings`` (grown on demand if a position exceeds it).
+  ``max_position_embeddings`` (grown on demand on CPU if a position exceeds
+  it); the model gathers cos/sin once per forward and every layer reuses them.
 """
 
 from __future__ import annotations
@@ -234,16 +235,20 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None) -> torch.Te
 
 
 class RotaryEmbedding(nn.Module):
-    """Applies RoPE to q ``[T, H, D]`` and k ``[T, KH, D]`` at ``positions [T]``."""
+    """cos/sin of RoPE at given positions; one instance (one table) per model.
+
+    ``forward(positions [T]) -> (cos, sin)`` each ``[T, 1, D]`` fp32, computed once
+    per model forward and applied in every layer with ``apply_rotary``.
+    """
 
     def __init__(self, head_dim: int, max_position: int, theta: float, scaling: dict | None):
         super().__init__()
         self.head_dim = head_dim
         self.max_position = max_position
         self.inv_freq_cpu = rope_inv_freq(head_dim, theta, scaling)   # plain attr: not a buffer
-        self._cos_sin: torch.Tensor | None = None   # [max_position, D] cos ‖ [max_position, D] sin
+        self._cos_sin: torch.Tensor | None = None   # [2, n, D]: cos, sin for positions 0..n-1
 
-    def _table(self, device: torch.device, needed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _table(self, device: torch.device, needed: int) -> torch.Tensor:
         cache = self._cos_sin
         if cache is None or cache.device != device or cache.shape[1] < needed:
             n = max(self.max_position, needed)
@@ -251,20 +256,24 @@ class RotaryEmbedding(nn.Module):
             freqs = torch.outer(t, self.inv_freq_cpu.to(device))
             emb = torch.cat([freqs, freqs], dim=-1)
             cache = self._cos_sin = torch.stack([emb.cos(), emb.sin()])
-        return cache[0], cache[1]
+        return cache
 
-    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
-        cos, sin = self._table(positions.device, self.max_position)
+    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        table = self._table(positions.device, self.max_position)
         # On CPU a position past the table grows it; on GPU the runner keeps
         # positions < max_model_len <= max_position (no host sync here).
-        if positions.device.type == "cpu" and positions.numel() and int(positions.max()) >= cos.shape[0]:
-            cos, sin = self._table(positions.device, int(positions.max()) + 1)
-        cos = cos[positions].unsqueeze(1)   # [T, 1, D]
-        sin = sin[positions].unsqueeze(1)
-        return _apply_rope(q, cos, sin), _apply_rope(k, cos, sin)
+        if positions.device.type == "cpu" and positions.numel() and int(positions.max()) >= table.shape[1]:
+            table = self._table(positions.device, int(positions.max()) + 1)
+        cos_sin = table[:, positions].unsqueeze(2)   # [2, T, 1, D]
+        return cos_sin[0], cos_sin[1]
 
 
-def _apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """Rotate q ``[T, H, D]`` and k ``[T, KH, D]`` (HF rotate_half layout), math in fp32."""
+    return _rotate(q, cos, sin), _rotate(k, cos, sin)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     dtype = x.dtype
     xf = x.float()
     x1, x2 = xf.chunk(2, dim=-1)

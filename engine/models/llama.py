@@ -21,7 +21,7 @@ Decisions:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterable
 
 import torch
@@ -29,8 +29,8 @@ from torch import nn
 
 from engine.attention import get_forward_context
 from engine.models.layers import (ColumnLinear, MergedColumnLinear, QKVLinear, RMSNorm,
-                                  RotaryEmbedding, RowLinear, VocabEmbedding, default_weight_loader,
-                                  silu_and_mul)
+                                  RotaryEmbedding, RowLinear, VocabEmbedding, apply_rotary,
+                                  default_weight_loader, silu_and_mul)
 
 ARCHITECTURES = ("llama", "mistral", "qwen2")
 _ARCH_BY_CLASS = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral",
@@ -50,7 +50,7 @@ class ModelConfig:
     head_dim: int
     rms_norm_eps: float
     rope_theta: float
-    rope_scaling: dict | None
+    rope_scaling: dict | None = field(hash=False)   # dicts don't hash; the rest of the config does
     max_position_embeddings: int
     tie_word_embeddings: bool
     attention_bias: bool
@@ -129,7 +129,7 @@ class ModelConfig:
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, config: ModelConfig, layer_idx: int, rotary_emb: RotaryEmbedding):
+    def __init__(self, config: ModelConfig, layer_idx: int):
         super().__init__()
         self.layer_idx = layer_idx
         self.head_dim = config.head_dim
@@ -137,10 +137,9 @@ class LlamaAttention(nn.Module):
                                   config.num_key_value_heads, bias=config.attention_bias)
         self.o_proj = RowLinear(config.num_attention_heads * config.head_dim, config.hidden_size,
                                 bias=config.o_bias)
-        self.rotary_emb = rotary_emb   # shared by all layers: one cos/sin table
         self.scale = config.head_dim ** -0.5
 
-    def forward(self, positions: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+    def forward(self, rope: tuple[torch.Tensor, torch.Tensor], hidden: torch.Tensor) -> torch.Tensor:
         qkv = self.qkv_proj(hidden)
         q_size, kv_size = self.qkv_proj.q_size, self.qkv_proj.kv_size
         q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
@@ -148,7 +147,7 @@ class LlamaAttention(nn.Module):
         q = q.view(T, -1, self.head_dim)
         k = k.view(T, -1, self.head_dim)
         v = v.view(T, -1, self.head_dim)
-        q, k = self.rotary_emb(positions, q, k)
+        q, k = apply_rotary(q, k, *rope)
         ctx = get_forward_context()
         k_cache, v_cache = ctx.kv_cache.layer(self.layer_idx)
         out = ctx.backend.forward(q, k, v, k_cache, v_cache, ctx.metadata, self.scale)
@@ -167,14 +166,14 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, layer_idx: int, rotary_emb: RotaryEmbedding):
+    def __init__(self, config: ModelConfig, layer_idx: int):
         super().__init__()
-        self.self_attn = LlamaAttention(config, layer_idx, rotary_emb)
+        self.self_attn = LlamaAttention(config, layer_idx)
         self.mlp = LlamaMLP(config)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, positions, hidden, residual):
+    def forward(self, rope, hidden, residual):
         """Pre-norm block with the residual add fused into the norms: returns
         ``(mlp_out, residual)``; the next norm adds them."""
         if residual is None:
@@ -182,7 +181,7 @@ class LlamaDecoderLayer(nn.Module):
             hidden = self.input_layernorm(hidden)
         else:
             hidden, residual = self.input_layernorm(hidden, residual)
-        hidden = self.self_attn(positions, hidden)
+        hidden = self.self_attn(rope, hidden)
         hidden, residual = self.post_attention_layernorm(hidden, residual)
         return self.mlp(hidden), residual
 
@@ -193,15 +192,15 @@ class LlamaModel(nn.Module):
         self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size)
         self.rotary_emb = RotaryEmbedding(config.head_dim, config.max_position_embeddings,
                                           config.rope_theta, config.rope_scaling)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(config, i, self.rotary_emb)
-                                    for i in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(LlamaDecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, input_ids, positions):
         hidden = self.embed_tokens(input_ids)
+        rope = self.rotary_emb(positions)   # (cos, sin), shared by all layers
         residual = None
         for layer in self.layers:
-            hidden, residual = layer(positions, hidden, residual)
+            hidden, residual = layer(rope, hidden, residual)
         hidden, _ = self.norm(hidden, residual)
         return hidden
 
