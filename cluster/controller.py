@@ -1,0 +1,394 @@
+"""Controller: the named Ray actor (``baton-controller``) that owns the worker pools.
+
+Lifecycle of a worker slot (one per worker the controller manages):
+
+    STARTING ──actor ready (its gRPC server is up and it registered)──▶ READY
+    READY ──drain(worker_id) or scale down──▶ DRAINING
+    DRAINING ──no running / waiting / held requests (or drain_timeout_s)──▶ STOPPED (deregistered, killed)
+    STARTING | READY ──actor died or stopped answering──▶ DEAD ──restart_dead──▶ STARTING (same worker_id, new epoch)
+
+A worker joins routing only when it is READY: the router reads the registry,
+and the worker registers itself once its server is up. Removal never drops a
+request: the controller flags the worker ``draining`` in the registry (routers
+stop sending it new requests within their refresh interval), waits
+``_DRAIN_GRACE_S`` for requests already routed to arrive, then waits until the
+worker's engine is idle (nothing running, waiting or held for a decode worker),
+and only then shuts it down and kills the actor.
+
+The reconcile loop (every ``_TICK_S``) polls each worker's stats (a Ray call
+with a timeout), replaces the dead (``pools.restart_dead``), re-asserts the
+draining flags (a Redis that restarted empty forgets them) and keeps the last
+stats for ``state()``.
+
+Workers are made by ``worker_factory(role)`` → a Ray actor class called with
+one ``WorkerSpec`` (default: ``cluster.worker_actor.ManagedWorker``, a
+``workers.WorkerHost`` that registers and heartbeats itself); it must offer
+``ready() -> address``, ``stats() -> dict or object`` and ``shutdown()``.
+Tests plug in fakes.
+
+The class is plain; ``controller_actor()`` wraps it with ``ray.remote``. Every
+public method is a coroutine (an async actor: one event loop, no locks).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from cluster.config import ROLES, ClusterConfig
+from cluster.types import WorkerSpec, WorkerState, as_dict
+
+log = logging.getLogger(__name__)
+
+CONTROLLER_NAME = "baton-controller"
+
+_TICK_S = 1.0               # reconcile period
+_STATS_TIMEOUT_S = 5.0      # a worker that misses this many seconds of stats polls in a row...
+_MAX_MISSES = 3             # ...this many times is treated as dead
+_DRAIN_GRACE_S = 2.0        # after flagging draining: let routers refresh and in-flight routings land
+_READY_TIMEOUT_S = 600.0    # model load included
+
+
+@dataclass
+class _Slot:
+    state: WorkerState
+    actor: Any = None
+    misses: int = 0
+    ever_ready: bool = False
+    ready_task: asyncio.Task | None = None
+    drain_task: asyncio.Task | None = None
+
+
+def default_worker_factory(role: str):
+    from cluster.worker_actor import worker_factory
+
+    return worker_factory(role)
+
+
+def _is_idle(stats: dict) -> bool:
+    return not (stats.get("num_running", 0) or stats.get("num_waiting", 0) or stats.get("num_held", 0))
+
+
+class Controller:
+    def __init__(self, config: ClusterConfig, store_url: str,
+                 worker_factory: Callable[[str], Any] | None = None) -> None:
+        self.config = config
+        self.store_url = store_url
+        self._factory = worker_factory or default_worker_factory
+        self._targets = {role: config.pools.count(role) for role in ROLES}
+        self._slots: dict[str, _Slot] = {}
+        self._next_index = {role: 0 for role in ROLES}
+        self._registry = None
+        self._loop_task: asyncio.Task | None = None
+        self._stopping = False
+        self.events: list[str] = []     # recent notable events, newest last (status output)
+
+    # -- lifecycle --------------------------------------------------------
+    async def start(self, wait_ready: bool = True, timeout_s: float = _READY_TIMEOUT_S) -> dict:
+        """Create the pools (and the reconcile loop); optionally wait until every worker is READY."""
+        from cluster.registry import Registry
+        from cluster.store import connect
+
+        self._registry = Registry(connect(self.store_url), self.config.redis.namespace,
+                                  self.config.redis.heartbeat_ttl_s)
+        for role in ROLES:
+            for _ in range(self._targets[role]):
+                self._spawn(role)
+        if self._loop_task is None:
+            self._loop_task = asyncio.get_running_loop().create_task(self._reconcile_loop())
+        if wait_ready:
+            await self.wait_ready(timeout_s)
+        return await self.state()
+
+    async def wait_ready(self, timeout_s: float = _READY_TIMEOUT_S) -> None:
+        """Wait until every slot in the pools is READY; raise if one failed to start."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            states = [s.state for s in self._slots.values() if s.state.status != "stopped"]
+            failed = [s.state for s in self._slots.values() if s.state.status == "dead" and not s.ever_ready]
+            if failed:      # never came up: a config or model problem, restarting will not help
+                raise RuntimeError("workers failed to start: " +
+                                   "; ".join(f"{s.worker_id}: {s.error}" for s in failed))
+            counts = {role: sum(1 for s in states if s.role == role and s.status == "ready") for role in ROLES}
+            if all(counts[r] >= self._targets[r] for r in ROLES):
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"workers not ready after {timeout_s}s: "
+                                   + ", ".join(f"{s.worker_id}={s.status}{' (' + s.error + ')' if s.error else ''}"
+                                               for s in states))
+            await asyncio.sleep(0.1)
+
+    async def shutdown(self) -> None:
+        """Stop every worker (gracefully: shutdown() then kill) and the reconcile loop."""
+        self._stopping = True
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+            await asyncio.gather(self._loop_task, return_exceptions=True)
+            self._loop_task = None
+        tasks = [t for s in self._slots.values() for t in (s.ready_task, s.drain_task) if t is not None]
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.gather(*(self._stop_slot(s) for s in self._slots.values() if s.actor is not None),
+                             return_exceptions=True)
+
+    # -- operations -------------------------------------------------------
+    async def scale(self, role: str, n: int, wait: bool = False, timeout_s: float = _READY_TIMEOUT_S) -> dict:
+        """Set ``role``'s pool size. New workers route once ready; removed ones drain first.
+        ``wait=True`` returns when the pool has exactly ``n`` ready workers and nothing draining."""
+        if role not in ROLES:
+            raise ValueError(f"role must be one of {ROLES}, got {role!r}")
+        if not isinstance(n, int) or n < 0:
+            raise ValueError(f"pool size must be an integer >= 0, got {n!r}")
+        targets = dict(self._targets, **{role: n})
+        if sum(targets.values()) == 0:
+            raise ValueError("cannot scale the last pool to 0: the cluster would have no worker")
+        if (targets["prefill"] == 0) != (targets["decode"] == 0) and targets["colocated"] == 0:
+            raise ValueError("prefill and decode pools need each other (or colocated workers)")
+        self._targets[role] = n
+        active = [s for s in self._slots.values()
+                  if s.state.role == role and s.state.status in ("starting", "ready", "dead")]
+        if len(active) < n:
+            for _ in range(n - len(active)):
+                self._spawn(role)
+        elif len(active) > n:
+            order = {"dead": 0, "starting": 1, "ready": 2}
+            victims = sorted(active, key=lambda s: (order[s.state.status], s.state.stats.get("num_running", 0),
+                                                    -s.state.started_at))[:len(active) - n]
+            for s in victims:
+                self._begin_drain(s)
+        self._event(f"scale {role} → {n}")
+        if wait:
+            await self._wait_pool(role, n, timeout_s)
+        return await self.state()
+
+    async def drain(self, worker_id: str, wait: bool = False) -> dict:
+        """Remove one worker without dropping requests (the pool shrinks by one)."""
+        slot = self._slots.get(worker_id)
+        if slot is None or slot.state.status in ("stopped", "draining"):
+            raise ValueError(f"no active worker {worker_id!r}")
+        self._targets[slot.state.role] = max(0, self._targets[slot.state.role] - 1)
+        self._begin_drain(slot)
+        self._event(f"drain {worker_id}")
+        if wait and slot.drain_task is not None:
+            await asyncio.shield(slot.drain_task)
+        return await self.state()
+
+    async def state(self) -> dict:
+        workers = [dataclasses.asdict(s.state) for s in sorted(self._slots.values(), key=lambda s: s.state.worker_id)
+                   if s.state.status != "stopped"]
+        return {"model": self.config.engine.model, "store_url": self.store_url,
+                "namespace": self.config.redis.namespace, "targets": dict(self._targets),
+                "workers": workers, "events": self.events[-20:]}
+
+    async def ping(self) -> bool:
+        return True
+
+    # -- internals --------------------------------------------------------
+    def _event(self, text: str) -> None:
+        log.info(text)
+        self.events.append(f"{time.strftime('%H:%M:%S')} {text}")
+        del self.events[:-100]
+
+    def _spec(self, worker_id: str, role: str) -> WorkerSpec:
+        mode = "prefill" if role == "prefill" else "both"
+        r = self.config.redis
+        return WorkerSpec(worker_id=worker_id, role=role, engine=self.config.engine.to_engine_config(mode),
+                          store_url=self.store_url, namespace=r.namespace,
+                          heartbeat_interval_s=r.heartbeat_interval_s, heartbeat_ttl_s=r.heartbeat_ttl_s,
+                          host="127.0.0.1" if self.config.ray.address is None else "0.0.0.0",
+                          tp=self.config.pools.tp)
+
+    def _spawn(self, role: str, slot: _Slot | None = None) -> _Slot:
+        if slot is None:
+            worker_id = f"{role}-{self._next_index[role]}"
+            self._next_index[role] += 1
+            slot = self._slots[worker_id] = _Slot(WorkerState(worker_id=worker_id, role=role, status="starting"))
+        else:
+            slot.state.restarts += 1
+            slot.state.status = "starting"
+            slot.state.address = ""
+            slot.state.error = ""
+            slot.state.stats = {}
+        slot.misses = 0
+        slot.state.started_at = time.time()
+        pools = self.config.pools
+        options: dict = {"num_cpus": pools.num_cpus, "max_restarts": 0}
+        if pools.num_gpus:
+            options["num_gpus"] = pools.num_gpus * pools.tp
+        if pools.resources.get(role):
+            options["resources"] = dict(pools.resources[role])
+        cls = self._factory(role)
+        slot.actor = cls.options(**options).remote(self._spec(slot.state.worker_id, role))
+        slot.ready_task = asyncio.get_running_loop().create_task(self._await_ready(slot))
+        self._event(f"start {slot.state.worker_id}" + (f" (restart {slot.state.restarts})" if slot.state.restarts else ""))
+        return slot
+
+    async def _await_ready(self, slot: _Slot) -> None:
+        actor = slot.actor
+        try:
+            address = await asyncio.wait_for(actor.ready.remote(), _READY_TIMEOUT_S)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            if slot.actor is actor and slot.state.status == "starting":
+                slot.state.status = "dead"
+                slot.state.error = f"{type(e).__name__}: {e}"[:500]
+                self._event(f"{slot.state.worker_id} failed to start: {slot.state.error}")
+            return
+        if slot.actor is actor and slot.state.status == "starting":
+            slot.state.address = str(address)
+            slot.state.status = "ready"
+            slot.ever_ready = True
+            self._event(f"{slot.state.worker_id} ready at {address}")
+
+    def _begin_drain(self, slot: _Slot) -> None:
+        if slot.state.status in ("dead", "starting"):
+            # never routable (or already gone): stop at once, nothing to drain
+            slot.state.status = "draining"
+            slot.drain_task = asyncio.get_running_loop().create_task(self._finish(slot))
+            return
+        slot.state.status = "draining"
+        slot.drain_task = asyncio.get_running_loop().create_task(self._drain(slot))
+
+    async def _drain(self, slot: _Slot) -> None:
+        wid = slot.state.worker_id
+        await self._registry_call("set_draining", wid, True)
+        await asyncio.sleep(_DRAIN_GRACE_S)
+        deadline = time.monotonic() + self.config.pools.drain_timeout_s
+        idle_polls = 0
+        while time.monotonic() < deadline:
+            stats = await self._poll(slot)
+            if stats is None:               # died while draining: nothing left to wait for
+                break
+            idle_polls = idle_polls + 1 if _is_idle(stats) else 0
+            if idle_polls >= 2:
+                break
+            await asyncio.sleep(0.25)
+        else:
+            self._event(f"{wid} still busy after {self.config.pools.drain_timeout_s}s of draining; stopping it")
+        await self._finish(slot)
+
+    async def _finish(self, slot: _Slot) -> None:
+        if slot.ready_task is not None and not slot.ready_task.done():
+            slot.ready_task.cancel()
+        await self._stop_slot(slot)
+        slot.state.status = "stopped"
+        self._event(f"{slot.state.worker_id} stopped")
+
+    async def _stop_slot(self, slot: _Slot) -> None:
+        import ray
+
+        actor, slot.actor = slot.actor, None
+        if actor is not None:
+            try:
+                await asyncio.wait_for(actor.shutdown.remote(), 10.0)
+            except Exception:
+                pass
+            try:
+                ray.kill(actor, no_restart=True)
+            except Exception:
+                pass
+        await self._registry_call("deregister", slot.state.worker_id)
+
+    async def _registry_call(self, name: str, *args) -> Any:
+        if self._registry is None:
+            return None
+        try:
+            return await asyncio.to_thread(getattr(self._registry, name), *args)
+        except Exception as e:  # the store is down: the worker's own TTL still expires
+            log.warning("registry %s(%s) failed: %s", name, args, e)
+            return None
+
+    async def _poll(self, slot: _Slot) -> dict | None:
+        """The worker's stats, or None if it is dead (RayActorError or too many timeouts)."""
+        import ray
+
+        actor = slot.actor
+        if actor is None:
+            return None
+        try:
+            stats = as_dict(await asyncio.wait_for(actor.stats.remote(), _STATS_TIMEOUT_S))
+        except asyncio.TimeoutError:
+            slot.misses += 1
+            return None if slot.misses >= _MAX_MISSES else slot.state.stats
+        except ray.exceptions.RayActorError as e:
+            slot.state.error = f"actor died: {e}"[:500]
+            return None
+        except Exception as e:  # stats raised inside a live worker: keep it, note the error
+            slot.state.error = f"stats: {e}"[:500]
+            return slot.state.stats
+        slot.misses = 0
+        slot.state.stats = stats
+        return stats
+
+    async def _reconcile_loop(self) -> None:
+        while not self._stopping:
+            try:
+                await self._reconcile()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("reconcile failed")
+            await asyncio.sleep(_TICK_S)
+
+    async def _reconcile(self) -> None:
+        ready = [s for s in self._slots.values() if s.state.status == "ready"]   # draining ones: their task polls
+        results = await asyncio.gather(*(self._poll(s) for s in ready))
+        for slot, stats in zip(ready, results):
+            if stats is None and slot.state.status == "ready":
+                await self._on_dead(slot)
+        now = time.time()
+        for slot in list(self._slots.values()):
+            st = slot.state
+            if st.status == "dead" and self.config.pools.restart_dead and not self._stopping:
+                if now - st.started_at >= min(2.0 ** st.restarts, 30.0):      # back off a crash loop
+                    await self._on_dead(slot)
+            elif st.status == "draining" and slot.drain_task is not None and not slot.drain_task.done():
+                await self._registry_call("set_draining", st.worker_id, True)
+
+    async def _on_dead(self, slot: _Slot) -> None:
+        import ray
+
+        wid = slot.state.worker_id
+        if slot.state.status != "dead":
+            slot.state.status = "dead"
+            self._event(f"{wid} died: {slot.state.error or 'no answer'}")
+        if slot.actor is not None:
+            try:
+                ray.kill(slot.actor, no_restart=True)
+            except Exception:
+                pass
+            slot.actor = None
+        await self._registry_call("deregister", wid)
+        if self.config.pools.restart_dead and not self._stopping:
+            self._spawn(slot.state.role, slot)
+
+    async def _wait_pool(self, role: str, n: int, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            slots = [s.state for s in self._slots.values() if s.state.role == role]
+            ready = sum(1 for s in slots if s.status == "ready")
+            busy = sum(1 for s in slots if s.status in ("starting", "draining"))
+            if ready == n and busy == 0:
+                return
+            await asyncio.sleep(0.1)
+        raise TimeoutError(f"pool {role} did not reach {n} ready workers in {timeout_s}s")
+
+
+def controller_actor():
+    """``Controller`` as a Ray actor class (num_cpus=0: it only coordinates)."""
+    import ray
+
+    return ray.remote(num_cpus=0, max_restarts=0, max_concurrency=1000)(Controller)
+
+
+def get_controller(namespace: str | None = None):
+    """The running controller's handle (raises ValueError if there is none)."""
+    import ray
+
+    return ray.get_actor(CONTROLLER_NAME, namespace=namespace)

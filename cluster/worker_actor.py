@@ -1,0 +1,138 @@
+"""ManagedWorker: the Ray actor the controller starts — a ``workers.WorkerHost``
+plus its life in the registry.
+
+Lifecycle (one actor = one worker start = one epoch):
+1. ``ManagedWorker.remote(spec)`` — cheap; nothing loads yet.
+2. ``ready()`` — the host starts (engine loaded, gRPC server bound, prefix-index
+   writer on its block events, /metrics port), then the worker registers
+   itself (``WorkerInfo`` with its address and epoch) and starts heartbeating
+   from the actor's event loop: alive key + stats every
+   ``heartbeat_interval_s``, and ``writer.maintain()`` so the index heals after
+   a Redis outage. Returns the address; from now on routers may use it.
+3. ``stats()`` — the host's ``WorkerStats`` (the controller polls it).
+4. ``shutdown()`` — heartbeats stop, the worker deregisters (its index
+   entries go with it), then the host stops. The controller calls it only
+   after draining, and kills the actor afterwards.
+
+Workers heartbeat themselves (not the controller), so serving survives a dead
+controller; a worker that crashes stops heartbeating and is dead to routers
+within ``heartbeat_ttl_s``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+
+from cluster.types import WorkerSpec, as_dict
+
+log = logging.getLogger(__name__)
+
+
+class ManagedWorker:
+    def __init__(self, spec: WorkerSpec) -> None:
+        self.spec = spec
+        self.host = None
+        self.info = None
+        self._registry = None
+        self._beat: asyncio.Task | None = None
+        self._beat_ok = True
+
+    def _make_host(self):
+        from workers.host import WorkerHost
+
+        s = self.spec
+        advertise = None
+        if s.host == "0.0.0.0":
+            import ray
+
+            advertise = ray.util.get_node_ip_address()
+        return WorkerHost(s.engine, s.role, worker_id=s.worker_id, host=s.host, advertise_host=advertise,
+                          metrics_port=0 if s.metrics else None, redis_url=s.store_url,
+                          index_model=s.engine.model, index_namespace=s.namespace)
+
+    async def ready(self) -> str:
+        from cluster.registry import Registry, WorkerInfo
+        from cluster.store import connect
+
+        if self.host is not None and self.host.address:
+            return self.host.address
+        self.host = self._make_host()
+        address = await self.host.start()
+        s = self.spec
+        self.info = WorkerInfo(worker_id=s.worker_id, role=s.role, address=address, epoch=str(self.host.epoch),
+                               model=s.engine.model, block_size=s.engine.block_size,
+                               max_model_len=self.host.max_model_len)
+        self._registry = Registry(connect(s.store_url, asyncio=True), s.namespace, s.heartbeat_ttl_s)
+        await self._registry.aregister(self.info, await self._stats_dict())
+        self._beat = asyncio.get_running_loop().create_task(self._heartbeat_loop())
+        return address
+
+    async def _stats_dict(self) -> dict:
+        return as_dict(await self.host.stats())
+
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.spec.heartbeat_interval_s)
+            try:
+                await self._registry.aheartbeat(self.info, await self._stats_dict())
+                writer = self.host.index_writer
+                if writer is not None:
+                    await asyncio.to_thread(writer.maintain)
+                if not self._beat_ok:
+                    log.info("%s: heartbeat restored", self.spec.worker_id)
+                self._beat_ok = True
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # store down: keep serving, keep trying
+                if self._beat_ok:
+                    log.warning("%s: heartbeat failed: %s", self.spec.worker_id, e)
+                self._beat_ok = False
+
+    async def stats(self) -> dict:
+        out = await self._stats_dict()
+        out["heartbeat_ok"] = self._beat_ok
+        writer = self.host.index_writer if self.host is not None else None
+        if writer is not None:
+            out["index_blocks"] = writer.num_blocks
+            out["index_healthy"] = writer.healthy
+        return out
+
+    async def address(self) -> str | None:
+        return self.host.address if self.host is not None else None
+
+    async def shutdown(self) -> None:
+        if self._beat is not None:
+            self._beat.cancel()
+            await asyncio.gather(self._beat, return_exceptions=True)
+            self._beat = None
+        if self._registry is not None:
+            try:
+                await asyncio.to_thread(self._sync_deregister)
+            except Exception as e:
+                log.warning("%s: deregister failed: %s", self.spec.worker_id, e)
+        if self.host is not None:
+            await self.host.stop()
+
+    def _sync_deregister(self) -> None:
+        from cluster.registry import Registry
+        from cluster.store import connect
+
+        Registry(connect(self.spec.store_url), self.spec.namespace).deregister(self.spec.worker_id)
+
+    def ping(self) -> str:
+        return self.spec.worker_id
+
+
+@functools.lru_cache(maxsize=None)
+def managed_worker_actor():
+    """``ManagedWorker`` as a Ray actor class (resources are set per worker by the controller)."""
+    import ray
+
+    return ray.remote(max_restarts=0)(ManagedWorker)
+
+
+def worker_factory(role: str):
+    return managed_worker_actor()
+
