@@ -159,7 +159,7 @@ def time_sdpa(T: int) -> float | None:
 
 
 DECODE_SWEEP = [dict(BLOCK_N=n, num_warps=w, num_stages=s)
-                for n in (32, 64, 128) for w in (4, 8) for s in (2, 3, 4)] + [
+                for n in (32, 64, 128) for w in (4, 8) for s in (2, 3)] + [
                dict(BLOCK_N=16, num_warps=2, num_stages=2), dict(BLOCK_N=32, num_warps=2, num_stages=3)]
 PREFILL_SWEEP = [dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s) for m, n, w, s in [
     (128, 64, 8, 3), (128, 64, 8, 2), (128, 64, 8, 4), (128, 64, 4, 3), (128, 128, 8, 3),
