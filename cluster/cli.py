@@ -1,0 +1,454 @@
+"""The `baton` command line.
+
+    baton up [--prefill N --decode M --colocated K --model M --redis-url U --address A --config F --set K=V]
+    baton status [--json]          pools, workers, load, KV usage, cache hit rate
+    baton scale prefill|decode|colocated N
+    baton drain WORKER
+    baton down
+    baton generate [--chat] "prompt"   one engine in this process, no cluster
+    baton bench [benchmarks/serve.py flags]
+
+`baton up` runs in the foreground until Ctrl-C (or `baton down`) and writes a
+state file (``$BATON_STATE_DIR`` or ``~/.cache/baton``, ``cluster.json``: pid,
+Ray address, namespace, store URL, router URL) that the other commands read
+to find the cluster. They reach the controller through Ray; `status` falls
+back to the registry in the store when Ray is unreachable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+from cluster.config import ROLES
+
+log = logging.getLogger("baton")
+
+
+# -- state file ---------------------------------------------------------------
+
+def state_path() -> Path:
+    base = os.environ.get("BATON_STATE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "baton")
+    return Path(base) / "cluster.json"
+
+
+def read_state() -> dict | None:
+    p = state_path()
+    try:
+        return json.loads(p.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def write_state(data: dict) -> None:
+    p = state_path()
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    tmp.replace(p)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+
+
+# -- reaching a running cluster -------------------------------------------------
+
+class NoCluster(RuntimeError):
+    pass
+
+
+def connect_controller(args):
+    """(ray-connected) controller handle of the running cluster."""
+    import ray
+
+    from cluster.controller import get_controller
+
+    st = read_state() or {}
+    address = getattr(args, "address", None) or st.get("ray_address")
+    namespace = st.get("namespace", "baton")
+    if not address:
+        raise NoCluster("no running cluster found (start one with `baton up`, or pass --address)")
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    if not ray.is_initialized():
+        try:
+            ray.init(address=address, namespace=namespace, logging_level=logging.ERROR, log_to_driver=False)
+        except Exception as e:
+            raise NoCluster(f"cannot reach Ray at {address}: {e}") from None
+    try:
+        return get_controller(namespace)
+    except ValueError:
+        raise NoCluster(f"no controller in Ray namespace {namespace!r} at {address}") from None
+
+
+# -- commands -------------------------------------------------------------------
+
+def _config_from_args(args):
+    from cluster.config import load_config
+
+    overrides = {"pools.prefill": args.prefill, "pools.decode": args.decode, "pools.colocated": args.colocated,
+                 "engine.model": args.model, "redis.url": args.redis_url, "ray.address": args.address,
+                 "router.host": args.host, "router.port": args.port, "router.grpc_port": args.grpc_port,
+                 "ray.num_cpus": args.num_cpus}
+    cfg = load_config(args.config, overrides)
+    return cfg.replace(args.set or [])
+
+
+def cmd_up(args) -> int:
+    from rich.console import Console
+
+    from cluster.launcher import launch
+
+    console = Console()
+    cfg = _config_from_args(args)
+    st = read_state()
+    if st and _pid_alive(int(st.get("pid", 0))) and st.get("pid") != os.getpid():
+        console.print(f"[red]a cluster is already up (pid {st['pid']}, {st.get('http_url')}); "
+                      "`baton down` first[/red]")
+        return 1
+    stop = {"flag": False}
+
+    def on_signal(signum, frame):
+        stop["flag"] = True
+
+    console.print(f"[bold]baton up[/bold]: {cfg.pools.prefill} prefill, {cfg.pools.decode} decode, "
+                  f"{cfg.pools.colocated} colocated worker(s) of [cyan]{cfg.engine.model}[/cyan] …")
+    t0 = time.monotonic()
+    handle = launch(cfg)
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    try:
+        write_state({"pid": os.getpid(), "ray_address": handle.ray_address, "namespace": cfg.ray.namespace,
+                     "store_url": handle.store_url, "store_kind": handle.store_kind,
+                     "http_url": handle.http_url, "grpc_address": handle.grpc_address, "model": cfg.engine.model,
+                     "started_at": time.time()})
+        state = handle.state()
+        console.print(f"ready in {time.monotonic() - t0:.1f}s")
+        console.print(f"  OpenAI API   [green]{handle.http_url}/v1[/green]  (health: {handle.http_url}/health, "
+                      f"metrics: {handle.http_url}/metrics)")
+        if handle.grpc_address:
+            console.print(f"  gRPC API     [green]{handle.grpc_address}[/green]")
+        console.print(f"  store        {handle.store_url} ({handle.store_kind})")
+        for w in state["workers"]:
+            console.print(f"  {w['worker_id']:<14} {w['address']}")
+        console.print("Ctrl-C (or `baton down`) to stop.")
+        last_sd = 0.0
+        while not stop["flag"]:
+            time.sleep(0.2)
+            if args.prometheus_sd and time.monotonic() - last_sd > 5.0:
+                last_sd = time.monotonic()
+                _write_prometheus_sd(args.prometheus_sd, handle)
+    finally:
+        console.print("stopping …")
+        handle.shutdown()
+        st = read_state()
+        if st and st.get("pid") == os.getpid():
+            state_path().unlink(missing_ok=True)
+        console.print("stopped.")
+    return 0
+
+
+def _write_prometheus_sd(path: str, handle) -> None:
+    try:
+        state = handle.state()
+    except Exception as e:
+        log.warning("prometheus targets not updated: %s", e)
+        return
+    groups = []
+    for w in state["workers"]:
+        port = w.get("stats", {}).get("metrics_port")
+        if port and w["address"]:
+            host = w["address"].rsplit(":", 1)[0]
+            groups.append({"targets": [f"{host}:{port}"], "labels": {"worker": w["worker_id"], "role": w["role"]}})
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.with_suffix(".tmp").write_text(json.dumps(groups, indent=2))
+    p.with_suffix(".tmp").replace(p)
+
+
+def _hit_rate(stats: dict) -> str:
+    q = stats.get("prefix_cache_queries") or 0
+    return f"{100.0 * (stats.get('prefix_cache_hits') or 0) / q:.1f}%" if q else "-"
+
+
+def render_status(state: dict, extra: dict | None = None):
+    from rich.table import Table
+
+    extra = extra or {}
+    title = f"Baton — {state.get('model', '?')}"
+    if extra.get("http_url"):
+        title += f" — {extra['http_url']}/v1"
+    t = Table(title=title, caption=f"store {state.get('store_url', '?')}  pools " +
+              ", ".join(f"{r}={n}" for r, n in state.get("targets", {}).items()))
+    for col, just in (("worker", "left"), ("role", "left"), ("status", "left"), ("address", "left"),
+                      ("running", "right"), ("waiting", "right"), ("held", "right"), ("KV usage", "right"),
+                      ("cache hit", "right"), ("restarts", "right")):
+        t.add_column(col, justify=just)
+    colors = {"ready": "green", "starting": "yellow", "draining": "yellow", "dead": "red"}
+    for w in state.get("workers", []):
+        s = w.get("stats") or {}
+        t.add_row(w["worker_id"], w["role"], f"[{colors.get(w['status'], 'white')}]{w['status']}[/]",
+                  w.get("address", ""), str(s.get("num_running", "-")), str(s.get("num_waiting", "-")),
+                  str(s.get("num_held", "-")),
+                  f"{100.0 * s['kv_cache_usage']:.1f}%" if "kv_cache_usage" in s else "-",
+                  _hit_rate(s), str(w.get("restarts", 0)))
+    return t
+
+
+def _state_from_registry(store_url: str, namespace: str) -> dict:
+    from cluster.registry import Registry
+    from cluster.store import connect
+
+    records = Registry(connect(store_url), namespace).snapshot()
+    workers = [{"worker_id": r.info.worker_id, "role": r.info.role, "address": r.info.address,
+                "status": ("draining" if r.info.draining else "ready") if r.alive else "dead",
+                "restarts": 0, "stats": r.stats} for r in records]
+    targets: dict = {}
+    for w in workers:
+        targets[w["role"]] = targets.get(w["role"], 0) + 1
+    model = records[0].info.model if records else "?"
+    return {"model": model, "store_url": store_url, "targets": targets, "workers": workers}
+
+
+def cmd_status(args) -> int:
+    from rich.console import Console
+
+    console = Console()
+    st = read_state() or {}
+    try:
+        import ray
+
+        state = ray.get(connect_controller(args).state.remote(), timeout=30)
+        source = "controller"
+    except Exception as e:
+        store_url = args.redis_url or st.get("store_url")
+        if not store_url or store_url.startswith("memory://"):
+            console.print(f"[red]{e}[/red]")
+            return 1
+        state = _state_from_registry(store_url, st.get("namespace", "baton"))
+        source = f"registry (controller unreachable: {e})"
+    if args.json:
+        print(json.dumps(state, indent=2))
+        return 0
+    console.print(render_status(state, st))
+    if source != "controller":
+        console.print(f"[yellow]from the {source}[/yellow]")
+    for ev in state.get("events", [])[-5:]:
+        console.print(f"  [dim]{ev}[/dim]")
+    return 0
+
+
+def cmd_scale(args) -> int:
+    import ray
+
+    from rich.console import Console
+
+    if args.n < 0:
+        raise ValueError("N must be >= 0")
+    state = ray.get(connect_controller(args).scale.remote(args.role, args.n, not args.no_wait, args.timeout))
+    Console().print(render_status(state, read_state() or {}))
+    return 0
+
+
+def cmd_drain(args) -> int:
+    import ray
+
+    from rich.console import Console
+
+    state = ray.get(connect_controller(args).drain.remote(args.worker, not args.no_wait))
+    Console().print(render_status(state, read_state() or {}))
+    return 0
+
+
+def cmd_down(args) -> int:
+    st = read_state()
+    pid = int(st.get("pid", 0)) if st else 0
+    if pid and _pid_alive(pid):
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + args.timeout
+        while _pid_alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        if _pid_alive(pid):
+            print(f"baton up (pid {pid}) did not stop within {args.timeout}s", file=sys.stderr)
+            return 1
+        print(f"stopped the cluster of pid {pid}")
+        return 0
+    # no foreground process (detached controller on a remote Ray, or a stale file)
+    try:
+        import ray
+
+        controller = connect_controller(args)
+        ray.get(controller.shutdown.remote(), timeout=args.timeout)
+        ray.kill(controller)
+        print("stopped the detached cluster")
+    except NoCluster as e:
+        print(str(e), file=sys.stderr)
+    state_path().unlink(missing_ok=True)
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from engine import EngineConfig, LLMEngine, SamplingParams
+
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    t_load = time.perf_counter()
+    engine = LLMEngine(EngineConfig(model=args.model, device=args.device, dtype=args.dtype,
+                                    num_kv_blocks=args.num_kv_blocks, seed=args.seed or 0))
+    load_s = time.perf_counter() - t_load
+    if args.chat:
+        messages = ([{"role": "system", "content": args.system}] if args.system else [])
+        messages.append({"role": "user", "content": prompt})
+        prompt_ids = engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        if isinstance(prompt_ids, str):
+            prompt_ids = engine.tokenizer.encode(prompt_ids)
+    else:
+        prompt_ids = engine.tokenizer.encode(prompt)
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                            top_k=args.top_k, seed=args.seed)
+    t0 = time.perf_counter()
+    engine.add_request("generate-0", list(prompt_ids), params)
+    first = None
+    final = None
+    while engine.has_unfinished():
+        for out in engine.step():
+            if out.new_text:
+                if first is None:
+                    first = time.perf_counter() - t0
+                sys.stdout.write(out.new_text)
+                sys.stdout.flush()
+            if out.finished:
+                final = out
+    elapsed = time.perf_counter() - t0
+    sys.stdout.write("\n")
+    n = len(final.token_ids) if final else 0
+    decode_s = elapsed - (first or 0.0)
+    tps = (n - 1) / decode_s if n > 1 and decode_s > 0 else 0.0
+    print(f"[{len(prompt_ids)} prompt + {n} generated tokens in {elapsed:.2f}s, "
+          f"TTFT {1000 * (first or elapsed):.0f} ms, {tps:.1f} tok/s decode, "
+          f"finish={final.finish_reason if final else '?'}, load {load_s:.1f}s]", file=sys.stderr)
+    return 0
+
+
+def cmd_bench(args) -> int:
+    import asyncio
+
+    try:
+        from benchmarks import serve
+    except ImportError:
+        print("baton bench needs the repository's benchmarks/ folder on the path (run it from the checkout)",
+              file=sys.stderr)
+        return 1
+    if args.base_url is None:
+        st = read_state() or {}
+        args.base_url = st.get("http_url") or "http://127.0.0.1:8000"
+    serve.validate(args)
+    report = asyncio.run(serve.run(args))
+    serve.print_report(report)
+    if not args.no_save:
+        print(f"saved {serve.save_report(report, args.result_dir, args.result_filename)}")
+    return 0 if report["completed"] else 1
+
+
+# -- parser ------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="baton", description="Baton: disaggregated prefill/decode LLM serving")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    up = sub.add_parser("up", help="start a cluster and serve in the foreground")
+    up.add_argument("--config", help="YAML file (sections router, pools, engine, redis, ray)")
+    up.add_argument("--model", help="model (default smollm2-135m)")
+    up.add_argument("--prefill", type=int, help="prefill workers (default 1)")
+    up.add_argument("--decode", type=int, help="decode workers (default 1)")
+    up.add_argument("--colocated", type=int, help="colocated workers (default 0)")
+    up.add_argument("--redis-url", help="use this Redis (default: a private redis-server, else in-process)")
+    up.add_argument("--address", help="join a Ray cluster (default: start a local one)")
+    up.add_argument("--host", help="router bind address (default 127.0.0.1)")
+    up.add_argument("--port", type=int, help="OpenAI HTTP port (default 8000)")
+    up.add_argument("--grpc-port", type=int, help="public gRPC port (default 50051; 0 = off)")
+    up.add_argument("--num-cpus", type=int, help="CPUs of a local Ray")
+    up.add_argument("--set", action="append", metavar="SECTION.FIELD=VALUE", help="any config field (repeatable)")
+    up.add_argument("--prometheus-sd", metavar="FILE", help="keep a Prometheus file-discovery list of workers")
+    up.set_defaults(fn=cmd_up)
+
+    status = sub.add_parser("status", help="pools, workers, load, KV usage, cache hit rate")
+    status.add_argument("--address", help="Ray address (default: from `baton up`'s state file)")
+    status.add_argument("--redis-url", help="read the registry here if the controller is unreachable")
+    status.add_argument("--json", action="store_true")
+    status.set_defaults(fn=cmd_status)
+
+    scale = sub.add_parser("scale", help="resize a pool (removed workers drain first)")
+    scale.add_argument("role", choices=ROLES)
+    scale.add_argument("n", type=int)
+    scale.add_argument("--no-wait", action="store_true", help="return before the pool reached N")
+    scale.add_argument("--timeout", type=float, default=600.0)
+    scale.add_argument("--address")
+    scale.set_defaults(fn=cmd_scale)
+
+    drain = sub.add_parser("drain", help="remove one worker without dropping its requests")
+    drain.add_argument("worker")
+    drain.add_argument("--no-wait", action="store_true")
+    drain.add_argument("--address")
+    drain.set_defaults(fn=cmd_drain)
+
+    down = sub.add_parser("down", help="stop the cluster")
+    down.add_argument("--timeout", type=float, default=120.0)
+    down.add_argument("--address")
+    down.set_defaults(fn=cmd_down)
+
+    gen = sub.add_parser("generate", help="generate with one in-process engine (no cluster)")
+    gen.add_argument("prompt", help="the prompt, or - for stdin")
+    gen.add_argument("--model", default="smollm2-135m")
+    gen.add_argument("--chat", action="store_true", help="apply the model's chat template")
+    gen.add_argument("--system", help="system message (with --chat)")
+    gen.add_argument("--max-tokens", type=int, default=64)
+    gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--top-k", type=int, default=-1)
+    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--device", default="cpu")
+    gen.add_argument("--dtype", default="float32")
+    gen.add_argument("--num-kv-blocks", type=int, default=None)
+    gen.set_defaults(fn=cmd_generate)
+
+    bench = sub.add_parser("bench", help="online serving benchmark against the running router")
+    try:
+        from benchmarks.serve import add_arguments
+    except ImportError:
+        add_arguments = None
+    if add_arguments is not None:
+        add_arguments(bench)
+        bench.set_defaults(base_url=None)
+    bench.set_defaults(fn=cmd_bench)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return args.fn(args)
+    except (ValueError, NoCluster, TimeoutError) as e:
+        print(f"baton {args.command}: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
