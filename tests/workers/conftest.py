@@ -1,0 +1,8 @@
+import pytest
+
+from tests.helpers.tiny_models import make_tiny_model
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    return make_tiny_model(tmp_path_factory.mktemp("tiny_llama_workers"), "llama", num_kv_heads=2)
