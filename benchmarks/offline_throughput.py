@@ -92,16 +92,15 @@ def hf_model_like(engine, device, dtype):
               num_key_value_heads=mc.num_key_value_heads, head_dim=mc.head_dim, rms_norm_eps=mc.rms_norm_eps,
               rope_theta=mc.rope_theta, rope_scaling=mc.rope_scaling,
               max_position_embeddings=mc.max_position_embeddings, tie_word_embeddings=mc.tie_word_embeddings)
-    with torch.device("meta"):
+    with torch.device(device):
         model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
-    model = model.to_empty(device=device)
     state = hf_state_dict(engine.model, mc)
     missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [m for m in missing if "rotary" not in m]
+    missing = [m for m in missing if "rotary" not in m and not (m == "lm_head.weight" and mc.tie_word_embeddings)]
+    if mc.tie_word_embeddings:
+        model.tie_weights()
     if missing or unexpected:
         raise RuntimeError(f"weight mismatch: missing={missing[:4]} unexpected={unexpected[:4]}")
-    if hasattr(model.model, "rotary_emb"):   # meta-initialised buffers: rebuild
-        model.model.rotary_emb.__init__(config=cfg, device=device)
     return model.eval()
 
 
