@@ -35,9 +35,9 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 
-from kvtransfer.base import KVReceiver, TransferState
+from kvtransfer.base import KVReceiver, KVTransferError, TransferState
 from kvtransfer.handle import KVHandle
-from kvtransfer.registry import make_receiver
+from kvtransfer.registry import get_transport, make_receiver
 from kvtransfer.wire import handle_from_pb, handle_to_pb
 from protos.gen import worker_pb2 as pb
 from protos.gen import worker_pb2_grpc as pb_grpc
@@ -240,7 +240,10 @@ class WorkerServicer(pb_grpc.WorkerServicer):
                     break
             host = self.host
             if out.metrics.get("held"):
-                held = await self.loop.call(_get_held, rid)
+                try:
+                    held = await self.loop.call(_get_held, rid)
+                except KeyError:
+                    raise RequestAborted(f"request {rid!r} was released or aborted before its handle was sent")
                 handle = KVHandle(rid, host.worker_id, host.address, list(held.block_ids), held.num_tokens,
                                   held.first_token, host.layout, host.kv_transport, prompt_token_ids=prompt,
                                   first_logprob=held.first_logprob)
@@ -283,6 +286,10 @@ class WorkerServicer(pb_grpc.WorkerServicer):
             raise ValueError(f"handle has {handle.num_blocks} blocks for {handle.num_tokens} tokens "
                              f"of block size {bs}")
         self.host.layout.check_compatible(handle.layout)
+        try:
+            get_transport(handle.transport)
+        except KVTransferError as e:
+            raise ValueError(str(e)) from None
         rid = handle.request_id
         live = self._open(rid)
         finished = False

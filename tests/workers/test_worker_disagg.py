@@ -111,6 +111,13 @@ async def test_decode_side_reuses_its_prefix_and_pulls_only_the_rest(pair, refer
     assert [hb.first_token] + tokens == expected_b
     assert chunks[0].num_cached_tokens == 12                          # 3 blocks hit locally
     assert chunks[0].kv_transfer_bytes == 2 * hb.layout.bytes_per_block   # only blocks 3..4 pulled
+    # a prompt made only of cached full blocks: cached + pulled blocks cover it exactly
+    hs = await pc.prefill("s", shared, GREEDY)
+    tokens, chunks = await collect(dc.decode(hs, GREEDY))
+    assert [hs.first_token] + tokens == reference.generate([shared], GREEDY)[0].token_ids
+    pulled = chunks[0].kv_transfer_bytes // hs.layout.bytes_per_block
+    assert chunks[0].num_cached_tokens // BS + pulled == 3 and chunks[0].num_cached_tokens >= 8
+    await assert_no_blocks_in_use(prefill)
 
 
 async def test_abort_mid_stream_frees_everything_on_both_sides(pair):
@@ -184,6 +191,8 @@ async def test_bad_input_is_invalid_argument_and_roles_are_enforced(pair):
     from dataclasses import replace
     with pytest.raises(ValueError, match="block_size"):
         await collect(dc.decode(replace(handle, layout=replace(handle.layout, block_size=8)), GREEDY))
+    with pytest.raises(ValueError, match="'nccl' is not implemented yet"):
+        await collect(dc.decode(replace(handle, transport="nccl"), GREEDY))
     assert await pc.release("lay")
     assert not await pc.release("lay")
     await assert_no_blocks_in_use(prefill, decode)
