@@ -443,7 +443,10 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return args.fn(args)
-    except (ValueError, NoCluster, TimeoutError) as e:
+    except (ValueError, NoCluster, TimeoutError, RuntimeError) as e:
+        cause = getattr(e, "cause", None)     # a RayTaskError: report its cause only
+        if isinstance(cause, BaseException):
+            e = cause
         print(f"baton {args.command}: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -63,6 +63,9 @@ class PoolSection:
     """Controller replaces workers whose actor died."""
     drain_timeout_s: float = 60.0
     """Longest wait for a draining worker to finish its requests before it is killed anyway."""
+    drain_grace_s: float = 2.0
+    """After flagging a worker draining, wait this long before checking it is idle (routers refresh
+    their worker set every second; requests already routed must land first)."""
     resources: dict = field(default_factory=dict, hash=False, compare=False)
     """Extra Ray resources per role, e.g. ``{prefill: {baton_prefill: 1}}`` to pin pools to node groups."""
 
@@ -85,6 +88,8 @@ class PoolSection:
             raise ValueError("pools.tp > 1 needs pools.num_gpus > 0")
         if self.drain_timeout_s <= 0:
             raise ValueError("pools.drain_timeout_s must be > 0")
+        if self.drain_grace_s < 0:
+            raise ValueError("pools.drain_grace_s must be >= 0")
         for role, res in self.resources.items():
             if role not in ROLES or not isinstance(res, dict) or not all(
                     isinstance(k, str) and isinstance(v, (int, float)) and v >= 0 for k, v in res.items()):

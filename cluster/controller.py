@@ -11,7 +11,7 @@ A worker joins routing only when it is READY: the router reads the registry,
 and the worker registers itself once its server is up. Removal never drops a
 request: the controller flags the worker ``draining`` in the registry (routers
 stop sending it new requests within their refresh interval), waits
-``_DRAIN_GRACE_S`` for requests already routed to arrive, then waits until the
+``pools.drain_grace_s`` for requests already routed to arrive, then waits until the
 worker's engine is idle (nothing running, waiting or held for a decode worker),
 and only then shuts it down and kills the actor.
 
@@ -49,7 +49,6 @@ CONTROLLER_NAME = "baton-controller"
 _TICK_S = 1.0               # reconcile period
 _STATS_TIMEOUT_S = 5.0      # a worker that misses this many seconds of stats polls in a row...
 _MAX_MISSES = 3             # ...this many times is treated as dead
-_DRAIN_GRACE_S = 2.0        # after flagging draining: let routers refresh and in-flight routings land
 _READY_TIMEOUT_S = 600.0    # model load included
 
 
@@ -67,6 +66,14 @@ def default_worker_factory(role: str):
     from cluster.worker_actor import worker_factory
 
     return worker_factory(role)
+
+
+def _reason(e: BaseException) -> str:
+    """A short message for an error raised inside another actor (not Ray's whole traceback)."""
+    cause = getattr(e, "cause", None)
+    if isinstance(cause, BaseException):
+        e = cause
+    return f"{type(e).__name__}: {e}".strip()[:300]
 
 
 def _is_idle(stats: dict) -> bool:
@@ -188,6 +195,13 @@ class Controller:
     async def ping(self) -> bool:
         return True
 
+    async def worker_actor(self, worker_id: str):
+        """The Ray actor handle of an active worker (admin tools, tests)."""
+        slot = self._slots.get(worker_id)
+        if slot is None or slot.actor is None:
+            raise ValueError(f"no active worker {worker_id!r}")
+        return slot.actor
+
     # -- internals --------------------------------------------------------
     def _event(self, text: str) -> None:
         log.info(text)
@@ -237,7 +251,7 @@ class Controller:
         except Exception as e:
             if slot.actor is actor and slot.state.status == "starting":
                 slot.state.status = "dead"
-                slot.state.error = f"{type(e).__name__}: {e}"[:500]
+                slot.state.error = _reason(e)
                 self._event(f"{slot.state.worker_id} failed to start: {slot.state.error}")
             return
         if slot.actor is actor and slot.state.status == "starting":
@@ -258,7 +272,7 @@ class Controller:
     async def _drain(self, slot: _Slot) -> None:
         wid = slot.state.worker_id
         await self._registry_call("set_draining", wid, True)
-        await asyncio.sleep(_DRAIN_GRACE_S)
+        await asyncio.sleep(self.config.pools.drain_grace_s)
         deadline = time.monotonic() + self.config.pools.drain_timeout_s
         idle_polls = 0
         while time.monotonic() < deadline:
@@ -317,10 +331,10 @@ class Controller:
             slot.misses += 1
             return None if slot.misses >= _MAX_MISSES else slot.state.stats
         except ray.exceptions.RayActorError as e:
-            slot.state.error = f"actor died: {e}"[:500]
+            slot.state.error = f"actor died: {_reason(e)}"
             return None
         except Exception as e:  # stats raised inside a live worker: keep it, note the error
-            slot.state.error = f"stats: {e}"[:500]
+            slot.state.error = f"stats: {_reason(e)}"
             return slot.state.stats
         slot.misses = 0
         slot.state.stats = stats

@@ -170,7 +170,11 @@ def launch(config: ClusterConfig | None = None, *, start_router: bool = True, wo
         controller = controller_actor().options(**options).remote(config, store_url, worker_factory)
         handle = ClusterHandle(config, store_url, kind, controller, redis=server, store_actor=store_actor,
                                owns_ray=owns_ray, ray_address=ray.get_runtime_context().gcs_address)
-        ray.get(controller.start.remote(True, ready_timeout_s))
+        try:
+            ray.get(controller.start.remote(True, ready_timeout_s))
+        except ray.exceptions.RayTaskError as e:   # show the cause, not Ray's remote traceback
+            cause = getattr(e, "cause", None)
+            raise (cause if isinstance(cause, Exception) else e) from None
         if start_router:
             from cluster.router_actor import start_router_actor
 
