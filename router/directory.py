@@ -196,11 +196,14 @@ class RedisWorkerDirectory(WorkerDirectory):
 
     def __init__(self, redis_url: str, model: str | None = None, namespace: str = keys.DEFAULT_NAMESPACE,
                  client_for: Callable[[str], Any] | None = None, refresh_s: float = 1.0,
-                 stats_timeout_s: float = 0.5, timeout_s: float = 0.5):
+                 stats_timeout_s: float = 0.5, timeout_s: float = 0.5, restart_grace_s: float = 5.0):
         super().__init__(client_for, refresh_s, stats_timeout_s)
         self.model = model
         self.namespace = namespace
         self.timeout_s = timeout_s
+        self.restart_grace_s = restart_grace_s
+        self._unreachable_at: float | None = None
+        self._registry_empty = False
         self._redis = connect_async(redis_url, timeout_s)
 
     async def _list_members(self) -> list[WorkerView] | None:
@@ -212,12 +215,30 @@ class RedisWorkerDirectory(WorkerDirectory):
             if not self.degraded:
                 log.warning("worker registry unreachable (%s); keeping the last snapshot", e)
             self.degraded = True
+            self._unreachable_at = time.monotonic()
             return None
         self.degraded = False
-        return members
+        return self._bridge_restart(members)
+
+    def _bridge_restart(self, members: list[WorkerView]) -> list[WorkerView]:
+        """A Redis that restarted empty lists no workers until their next heartbeat: for
+        ``restart_grace_s`` after an outage, or after the registry hash itself vanished,
+        the workers of the last snapshot that the listing lacks stay routable (their
+        stats are polled again, so a dead one still turns unhealthy)."""
+        now = time.monotonic()
+        if members and not (self._unreachable_at and now - self._unreachable_at < self.restart_grace_s):
+            self._unreachable_at = None
+            return members
+        if self._registry_empty and self._views and self._unreachable_at is None:
+            self._unreachable_at = now          # the registry itself is gone, with no error: Redis lost its data
+        if self._unreachable_at is None or now - self._unreachable_at >= self.restart_grace_s:
+            return members
+        listed = {v.worker_id for v in members}
+        return members + [replace(v, stats=None) for v in self._views if v.worker_id not in listed]
 
     async def _read(self) -> list[WorkerView]:
         raw = await self._redis.hgetall(keys.workers_key(self.namespace))
+        self._registry_empty = not raw
         infos = []
         for wid, text in sorted(raw.items()):
             try:

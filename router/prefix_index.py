@@ -10,9 +10,9 @@ Two implementations, one interface (``PrefixIndex``):
 
 Lifecycle of the Redis reader (a small state machine):
 
-    HEALTHY ──Redis error or timeout──▶ DEGRADED (match returns {}; no Redis
-    call until the backoff expires: 0.25 s, doubling to 10 s)
-    DEGRADED ──backoff expired──▶ one probe ──ok──▶ HEALTHY / ──fails──▶ DEGRADED
+    HEALTHY ──Redis error or timeout──▶ DEGRADED: ``match`` returns {} at once
+    (route by load alone) and a background probe PINGs Redis with backoff
+    (0.25 s, doubling to 10 s) ──PING answered──▶ HEALTHY
 
 ``match`` is one round trip: a pipeline of HGETALL per block key, plus — when
 the cached live epochs are older than ``epoch_ttl_s`` — one MGET of the alive
@@ -85,6 +85,7 @@ class PrefixIndexReader:
     def __init__(self, redis_url: str, model: str, namespace: str = keys.DEFAULT_NAMESPACE,
                  timeout_s: float = 0.1, epoch_ttl_s: float = 1.0, max_blocks: int = 1024,
                  backoff_s: tuple[float, float] = (0.25, 10.0), clock=time.monotonic):
+        """``backoff_s``: (first, longest) wait between probes while Redis is unreachable."""
         self.model = model
         self.namespace = namespace
         self.timeout_s = timeout_s
@@ -98,15 +99,14 @@ class PrefixIndexReader:
         self.degraded = False
         self.num_errors = 0
         self.num_lookups = 0
-        self._backoff = self._backoff_min
-        self._retry_at = 0.0
+        self._probe: asyncio.Task | None = None
 
     async def match(self, block_hashes: Sequence[int], worker_ids: Sequence[str]) -> dict[str, int]:
         if not block_hashes or not worker_ids:
             return {}
-        now = self._clock()
-        if self.degraded and now < self._retry_at:
+        if self.degraded:
             return {}
+        now = self._clock()
         hashes = list(block_hashes)[:self.max_blocks]
         stale = [w for w in worker_ids if now - self._epochs_at.get(w, -1e18) > self.epoch_ttl_s]
         try:
@@ -114,9 +114,8 @@ class PrefixIndexReader:
         except asyncio.CancelledError:
             raise
         except Exception as e:  # redis errors, OSError, timeouts: all mean "no index now"
-            self._fail(e, now)
+            self._fail(e)
             return {}
-        self._recover()
         if stale:
             for wid, epoch in zip(stale, replies[0]):
                 self._epochs[wid] = None if epoch is None else _str(epoch)
@@ -135,21 +134,32 @@ class PrefixIndexReader:
             pipe.hgetall(keys.block_key(self.model, h, self.namespace))
         return await pipe.execute()
 
-    def _fail(self, error: BaseException, now: float) -> None:
+    def _fail(self, error: BaseException) -> None:
         self.num_errors += 1
-        if not self.degraded:
-            log.warning("prefix index unreachable (%s: %s); routing by load alone",
-                        type(error).__name__, error)
-        else:
-            self._backoff = min(self._backoff * 2, self._backoff_max)
-        self.degraded = True
-        self._retry_at = now + self._backoff
-
-    def _recover(self) -> None:
         if self.degraded:
+            return
+        log.warning("prefix index unreachable (%s: %s); routing by load alone", type(error).__name__, error)
+        self.degraded = True
+        if self._probe is None or self._probe.done():
+            self._probe = asyncio.get_running_loop().create_task(self._recover(), name="prefix-index.probe")
+
+    async def _recover(self) -> None:
+        """DEGRADED: PING with backoff until Redis answers, then HEALTHY."""
+        backoff = self._backoff_min
+        while True:
+            await asyncio.sleep(backoff)
+            try:
+                await asyncio.wait_for(self._redis.ping(), self.timeout_s)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                self.num_errors += 1
+                backoff = min(backoff * 2, self._backoff_max)
+                continue
+            self.forget_epochs()
+            self.degraded = False
             log.info("prefix index reachable again")
-        self.degraded = False
-        self._backoff = self._backoff_min
+            return
 
     def forget_epochs(self) -> None:
         """Drop the cached live epochs (next match refreshes them)."""
@@ -157,6 +167,9 @@ class PrefixIndexReader:
         self._epochs_at.clear()
 
     async def close(self) -> None:
+        if self._probe is not None:
+            self._probe.cancel()
+            await asyncio.gather(self._probe, return_exceptions=True)
         aclose = getattr(self._redis, "aclose", None)
         if aclose is not None:
             await aclose()

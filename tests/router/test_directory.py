@@ -78,3 +78,21 @@ async def test_a_static_list_stays_as_given():
         StaticWorkerDirectory([views[0], views[0]])
     with pytest.raises(ValueError):
         WorkerView("w", "router", "c:3")
+
+
+async def test_a_redis_that_restarted_empty_does_not_make_the_workers_vanish(redis_server, redis_client):
+    register(redis_client, "d0", "decode")
+    directory = RedisWorkerDirectory(redis_server.url, model="tiny", restart_grace_s=0.3)
+    try:
+        await directory.refresh()
+        redis_client.flushall()                     # Redis lost its data; heartbeats refill it within a second
+        await directory.refresh()
+        assert [v.worker_id for v in directory.views()] == ["d0"]
+        register(redis_client, "d1", "decode")      # a heartbeat came back first
+        await directory.refresh()
+        assert [v.worker_id for v in directory.views()] == ["d1", "d0"]
+        time.sleep(0.3)                             # d0 never came back: after the grace it is gone
+        await directory.refresh()
+        assert [v.worker_id for v in directory.views()] == ["d1"]
+    finally:
+        await directory.close()
