@@ -24,6 +24,10 @@ The KV pool is capped (``--kv-pool-gib``); batches whose contexts exceed it
 pool modulo its size. The kernels read exactly the same number of bytes (the
 reuse distance is the whole pool, far beyond L2), only distinct requests share
 physical blocks. ``--profile`` adds the top CUDA kernels of one eager step.
+
+``--fused-layers`` routes RMSNorm(+residual), RoPE and SiLU-gating through the
+Triton kernels of ``engine.fused_ops`` by patching ``engine.models`` in this
+process only — a measurement of what wiring them into the layers would give.
 """
 
 from __future__ import annotations
@@ -69,6 +73,21 @@ def env_info(preset: str) -> dict:
                 cuda=torch.version.cuda, python=platform.python_version(), commit=commit, model=f"dummy:{preset}",
                 command=" ".join([Path(sys.argv[0]).as_posix()] + sys.argv[1:]),
                 time=time.strftime("%Y-%m-%dT%H:%M:%S"))
+
+
+def patch_fused_layers() -> None:
+    """Route the model's elementwise stages through engine.fused_ops (this process only)."""
+    from engine import fused_ops
+    from engine.models import layers, llama
+
+    def norm_forward(self, x, residual=None):
+        if residual is None:
+            return fused_ops.rmsnorm(x, self.weight, self.eps)
+        return fused_ops.add_rmsnorm(x, residual, self.weight, self.eps)
+
+    layers.RMSNorm.forward = norm_forward
+    llama.apply_rotary = fused_ops.rope_
+    llama.silu_and_mul = fused_ops.silu_and_mul
 
 
 def weight_bytes(model) -> tuple[int, int]:
@@ -171,11 +190,15 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--no-eager", action="store_true", help="skip the eager (no CUDA graph) decode runs")
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--fused-layers", action="store_true", help="patch in engine.fused_ops (see docstring)")
     ap.add_argument("--nominal-gbs", type=float, default=None)
     args = ap.parse_args()
 
     dev = torch.device("cuda")
     info = env_info(args.preset)
+    info["fused_layers"] = args.fused_layers
+    if args.fused_layers:
+        patch_fused_layers()
     nominal = args.nominal_gbs or (4800.0 if "H200" in info["device"] else 3350.0)
     t0 = time.perf_counter()
     config = ModelConfig.from_hf_dict(get_preset(args.preset))
