@@ -45,3 +45,23 @@ def ray_session(tmp_path_factory):
     yield
     if started:
         ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def module_redis():
+    """A private redis-server for a whole test module (a launched cluster outlives one test)."""
+    if not rs.available():
+        pytest.skip("redis-server binary not found")
+    server = rs.RedisServer().start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A tiny random Llama with SmolLM2's tokenizer (the router tokenizes)."""
+    from tests.helpers.tiny_models import make_tiny_model
+
+    return make_tiny_model(tmp_path_factory.mktemp("tiny_llama_cluster"), "llama", with_tokenizer=True)
