@@ -50,13 +50,14 @@ class BlockManager:
         """New blocks ``req`` needs so that ``num_tokens`` tokens fit in its table."""
         return max(0, -(-num_tokens // self.block_size) - len(req.block_ids))
 
-    def get_computed_blocks(self, req: Request) -> list[int]:
-        """Leading cached blocks of ``req``'s hashes (stops at the first miss). At
-        least one token is always left to compute, so the last logits exist."""
+    def get_computed_blocks(self, req: Request, leave_one: bool = True) -> list[int]:
+        """Leading cached blocks of ``req``'s hashes (stops at the first miss). With
+        ``leave_one`` at least one token is left to compute, so the last logits
+        exist; the decode side of a disaggregated request needs no logits."""
         if not self.enable_prefix_caching:
             return []
         hits: list[int] = []
-        max_blocks = (req.num_tokens - 1) // self.block_size
+        max_blocks = (req.num_tokens - (1 if leave_one else 0)) // self.block_size
         for h in req.block_hashes[:max_blocks]:
             b = self._hash_to_block.get(h)
             if b is None:

@@ -126,6 +126,10 @@ class LLMEngine:
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
 
+    def has_schedulable(self) -> bool:
+        """True when ``step()`` has work now (requests whose KV is in flight excluded)."""
+        return self.scheduler.has_schedulable()
+
     def generate(self, prompts, params: SamplingParams | list[SamplingParams] | None = None) -> list[RequestOutput]:
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]

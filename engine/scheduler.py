@@ -50,6 +50,10 @@ class Scheduler:
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running or self.waiting_for_kv)
 
+    def has_schedulable(self) -> bool:
+        """Work a ``schedule()`` call can make progress on now (not KV still in flight)."""
+        return bool(self.waiting or self.running)
+
     # ---- one step -------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
@@ -202,7 +206,7 @@ class Scheduler:
         MemoryError when the pool cannot hold it now."""
         self._update_hashes(req)
         bm = self.block_manager
-        cached = bm.get_computed_blocks(req) if bm.enable_prefix_caching else []
+        cached = bm.get_computed_blocks(req, leave_one=False)
         # +1 token: room for the first sampled token's KV written next step
         if not self._reserve(req, req.num_prompt_tokens + 1, cached, absolute=True):
             raise MemoryError("KV cache full")

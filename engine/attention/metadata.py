@@ -15,6 +15,7 @@ and attends causally to cache positions ``0..that position``.
 from __future__ import annotations
 
 import contextlib
+import threading
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -48,22 +49,22 @@ class ForwardContext:
     backend: "object"    # an AttentionBackend
 
 
-_current: ForwardContext | None = None
+_local = threading.local()   # one forward at a time per thread (engines in threads don't collide)
 
 
 @contextlib.contextmanager
 def forward_context(metadata: AttentionMetadata, kv_cache, backend) -> Iterator[ForwardContext]:
-    global _current
-    if _current is not None:
-        raise RuntimeError("nested forward_context: one forward at a time per process")
-    _current = ForwardContext(metadata, kv_cache, backend)
+    if getattr(_local, "ctx", None) is not None:
+        raise RuntimeError("nested forward_context: one forward at a time per thread")
+    _local.ctx = ForwardContext(metadata, kv_cache, backend)
     try:
-        yield _current
+        yield _local.ctx
     finally:
-        _current = None
+        _local.ctx = None
 
 
 def get_forward_context() -> ForwardContext:
-    if _current is None:
+    ctx = getattr(_local, "ctx", None)
+    if ctx is None:
         raise RuntimeError("attention called outside forward_context()")
-    return _current
+    return ctx

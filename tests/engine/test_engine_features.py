@@ -165,3 +165,16 @@ def test_bad_input_raises_clear_value_errors(engine):
         engine.add_request("bad", [10**9], GREEDY)
     with pytest.raises(ValueError, match="model"):
         LLMEngine(EngineConfig(model="no-such-model"))
+
+
+def test_decode_side_needs_no_pull_for_a_fully_cached_block_aligned_prompt(tiny_llama):
+    eng = LLMEngine(EngineConfig(model=str(tiny_llama), block_size=8, num_kv_blocks=32))
+    prompt = list(range(70, 102))                          # 32 tokens = 4 full blocks
+    params = SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True)
+    expected = eng.generate([prompt], params)[0].token_ids  # leaves the 4 blocks cached
+    plan = eng.add_request_with_kv("d", prompt, expected[0], params)
+    assert plan.num_cached_blocks == 4 and plan.missing_block_ids == [] and plan.num_cached_tokens == 32
+    outs = eng.finish_kv("d", ok=True)
+    while eng.has_unfinished():
+        outs += eng.step()
+    assert outs[-1].token_ids == expected
