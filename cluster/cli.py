@@ -178,6 +178,16 @@ def _write_prometheus_sd(path: str, handle) -> None:
     p.with_suffix(".tmp").replace(p)
 
 
+def _console():
+    """A rich console; when output is not a terminal, wide enough that tables are not cut."""
+    from rich.console import Console
+
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=max(console.width, 140))
+    return console
+
+
 def _hit_rate(stats: dict) -> str:
     q = stats.get("prefix_cache_queries") or 0
     return f"{100.0 * (stats.get('prefix_cache_hits') or 0) / q:.1f}%" if q else "-"
@@ -223,9 +233,7 @@ def _state_from_registry(store_url: str, namespace: str) -> dict:
 
 
 def cmd_status(args) -> int:
-    from rich.console import Console
-
-    console = Console()
+    console = _console()
     st = read_state() or {}
     try:
         import ray
@@ -253,22 +261,18 @@ def cmd_status(args) -> int:
 def cmd_scale(args) -> int:
     import ray
 
-    from rich.console import Console
-
     if args.n < 0:
         raise ValueError("N must be >= 0")
     state = ray.get(connect_controller(args).scale.remote(args.role, args.n, not args.no_wait, args.timeout))
-    Console().print(render_status(state, read_state() or {}))
+    _console().print(render_status(state, read_state() or {}))
     return 0
 
 
 def cmd_drain(args) -> int:
     import ray
 
-    from rich.console import Console
-
     state = ray.get(connect_controller(args).drain.remote(args.worker, not args.no_wait))
-    Console().print(render_status(state, read_state() or {}))
+    _console().print(render_status(state, read_state() or {}))
     return 0
 
 

@@ -100,7 +100,7 @@ class Controller:
         from cluster.registry import Registry
         from cluster.store import connect
 
-        self._registry = Registry(connect(self.store_url), self.config.redis.namespace,
+        self._registry = Registry(connect(self.store_url, asyncio=True), self.config.redis.namespace,
                                   self.config.redis.heartbeat_ttl_s)
         for role in ROLES:
             for _ in range(self._targets[role]):
@@ -271,7 +271,7 @@ class Controller:
 
     async def _drain(self, slot: _Slot) -> None:
         wid = slot.state.worker_id
-        await self._registry_call("set_draining", wid, True)
+        await self._registry_call("aset_draining", wid, True)
         await asyncio.sleep(self.config.pools.drain_grace_s)
         deadline = time.monotonic() + self.config.pools.drain_timeout_s
         idle_polls = 0
@@ -307,13 +307,13 @@ class Controller:
                 ray.kill(actor, no_restart=True)
             except Exception:
                 pass
-        await self._registry_call("deregister", slot.state.worker_id)
+        await self._registry_call("aderegister", slot.state.worker_id)
 
     async def _registry_call(self, name: str, *args) -> Any:
         if self._registry is None:
             return None
         try:
-            return await asyncio.to_thread(getattr(self._registry, name), *args)
+            return await asyncio.wait_for(getattr(self._registry, name)(*args), 5.0)
         except Exception as e:  # the store is down: the worker's own TTL still expires
             log.warning("registry %s(%s) failed: %s", name, args, e)
             return None
@@ -363,7 +363,7 @@ class Controller:
                 if now - st.started_at >= min(2.0 ** st.restarts, 30.0):      # back off a crash loop
                     await self._on_dead(slot)
             elif st.status == "draining" and slot.drain_task is not None and not slot.drain_task.done():
-                await self._registry_call("set_draining", st.worker_id, True)
+                await self._registry_call("aset_draining", st.worker_id, True)
 
     async def _on_dead(self, slot: _Slot) -> None:
         import ray
@@ -378,7 +378,7 @@ class Controller:
             except Exception:
                 pass
             slot.actor = None
-        await self._registry_call("deregister", wid)
+        await self._registry_call("aderegister", wid)
         if self.config.pools.restart_dead and not self._stopping:
             self._spawn(slot.state.role, slot)
 

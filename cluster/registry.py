@@ -14,6 +14,9 @@ Lifecycle of a worker in the registry (key patterns in ``cluster/keys.py``):
 4. ``deregister(worker_id)`` when it leaves or is found dead: drops its entry,
    alive key, stats and every prefix-index entry it wrote.
 
+Every call has an asyncio twin (``a``-prefixed) for a ``redis.asyncio``-style
+client (``cluster.store.connect(url, asyncio=True)``).
+
 A worker is live when its alive key holds its current epoch. If the alive key
 expires (crash, hang, partition), the worker is dead to routers at once; the
 controller deregisters it when it replaces it.
@@ -108,24 +111,45 @@ class Registry:
     async def aheartbeat(self, info: WorkerInfo, stats: dict | None = None) -> None:
         await arun_commands(self.client, self._commands(info, stats, overwrite=False))
 
+    def _flagged(self, text: str | None, draining: bool) -> str | None:
+        """The entry rewritten with ``draining``, or None if there is nothing to write."""
+        if text is None:
+            return None
+        info = WorkerInfo.from_json(text)
+        if info.draining == draining:
+            return None
+        info.draining = draining
+        return info.to_json()
+
     def set_draining(self, worker_id: str, draining: bool = True) -> bool:
         """Flag (or unflag) a registered worker as draining. False if it is not registered."""
         text = self.client.hget(keys.workers_key(self.ns), worker_id)
-        if text is None:
-            return False
-        info = WorkerInfo.from_json(text)
-        if info.draining != draining:
-            info.draining = draining
-            self.client.hset(keys.workers_key(self.ns), worker_id, info.to_json())
-        return True
+        new = self._flagged(text, draining)
+        if new is not None:
+            self.client.hset(keys.workers_key(self.ns), worker_id, new)
+        return text is not None
+
+    async def aset_draining(self, worker_id: str, draining: bool = True) -> bool:
+        text = await self.client.hget(keys.workers_key(self.ns), worker_id)
+        new = self._flagged(text, draining)
+        if new is not None:
+            await self.client.hset(keys.workers_key(self.ns), worker_id, new)
+        return text is not None
+
+    def _deregister_commands(self, worker_id: str, members) -> list:
+        return [("hdel", (keys.workers_key(self.ns), worker_id)),
+                ("delete", (keys.alive_key(worker_id, self.ns), keys.stats_key(worker_id, self.ns))),
+                *drop_worker_commands(worker_id, members, self.ns)]
 
     def deregister(self, worker_id: str) -> int:
         """Forget ``worker_id`` and drop its prefix-index entries. Returns how many entries were dropped."""
         members = self.client.smembers(keys.worker_blocks_key(worker_id, self.ns))
-        cmds = [("hdel", (keys.workers_key(self.ns), worker_id)),
-                ("delete", (keys.alive_key(worker_id, self.ns), keys.stats_key(worker_id, self.ns))),
-                *drop_worker_commands(worker_id, members, self.ns)]
-        run_commands(self.client, cmds)
+        run_commands(self.client, self._deregister_commands(worker_id, members))
+        return len(members)
+
+    async def aderegister(self, worker_id: str) -> int:
+        members = await self.client.smembers(keys.worker_blocks_key(worker_id, self.ns))
+        await arun_commands(self.client, self._deregister_commands(worker_id, members))
         return len(members)
 
     # -- reads ------------------------------------------------------------
@@ -146,6 +170,18 @@ class Registry:
 
     def list_live(self, role: str | None = None) -> list[WorkerInfo]:
         return [r.info for r in self.snapshot() if r.alive and (role is None or r.info.role == role)]
+
+    async def asnapshot(self) -> list[WorkerRecord]:
+        entries = await self.client.hgetall(keys.workers_key(self.ns))
+        infos = [WorkerInfo.from_json(v) for _, v in sorted(entries.items())]
+        if not infos:
+            return []
+        ids = [i.worker_id for i in infos]
+        epochs, stats = await arun_commands(self.client, [
+            ("mget", ([keys.alive_key(w, self.ns) for w in ids],)),
+            ("mget", ([keys.stats_key(w, self.ns) for w in ids],))])
+        return [WorkerRecord(info, alive=(epoch == info.epoch), stats=json.loads(st) if st else {})
+                for info, epoch, st in zip(infos, epochs, stats)]
 
 
 class Heartbeat:

@@ -109,17 +109,11 @@ class ManagedWorker:
             self._beat = None
         if self._registry is not None:
             try:
-                await asyncio.to_thread(self._sync_deregister)
+                await asyncio.wait_for(self._registry.aderegister(self.spec.worker_id), 5.0)
             except Exception as e:
                 log.warning("%s: deregister failed: %s", self.spec.worker_id, e)
         if self.host is not None:
             await self.host.stop()
-
-    def _sync_deregister(self) -> None:
-        from cluster.registry import Registry
-        from cluster.store import connect
-
-        Registry(connect(self.spec.store_url), self.spec.namespace).deregister(self.spec.worker_id)
 
     def ping(self) -> str:
         return self.spec.worker_id

@@ -118,3 +118,27 @@ def reg_live(client):
         return Registry(client).list_live()
     except Exception:
         return []
+
+
+def test_async_twins(redis_server):
+    import asyncio
+
+    from cluster.store import connect
+
+    async def go():
+        reg = Registry(connect(redis_server.url, asyncio=True))
+        info = _info("decode-x")
+        await reg.aregister(info, {"num_running": 3})
+        assert await reg.aset_draining("decode-x") is True
+        await reg.aheartbeat(info)
+        (rec,) = await reg.asnapshot()
+        w = PrefixIndexWriter(connect(redis_server.url), "decode-x", info.epoch, "m")
+        w.apply([BlockEvent("stored", [5])])
+        dropped = await reg.aderegister("decode-x")
+        left = await reg.asnapshot()
+        await reg.client.aclose()
+        return rec, dropped, left
+
+    rec, dropped, left = asyncio.run(go())
+    assert rec.alive and rec.info.draining and rec.stats == {"num_running": 3}
+    assert dropped == 1 and left == []
