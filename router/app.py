@@ -41,8 +41,13 @@ SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
 def build_app(service: Service, health: Callable[[], tuple[int, dict]], render_metrics: Callable[[], bytes],
-              max_model_len: Callable[[], int]) -> FastAPI:
+              max_model_len: Callable[[], int], allow_origins: tuple[str, ...] = ()) -> FastAPI:
     app = FastAPI(title="Baton router", version="0.1.0", docs_url=None, redoc_url=None)
+    if allow_origins:
+        from fastapi.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, allow_origins=list(allow_origins), allow_methods=["GET", "POST"],
+                           allow_headers=["*"])
     names = service.model_names
     token_text = service.tokenizer.token_text
 

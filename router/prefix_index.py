@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from typing import Iterable, Protocol, Sequence
 
@@ -177,21 +178,29 @@ class PrefixIndexReader:
 
 class InProcessPrefixIndex:
     """The index in a dict, for a cluster without Redis. Same ``match``; workers
-    (in this process) call ``set_live`` once and ``apply`` after every engine step."""
+    (in this process) call ``set_live`` once and ``apply`` after every engine step.
+    Thread-safe: workers apply from their block-event threads while the router reads."""
 
     degraded = False
 
     def __init__(self, max_blocks: int = 1024):
         self.max_blocks = max_blocks
+        self._lock = threading.Lock()
         self._blocks: dict[int, dict[str, str]] = {}
         self._by_worker: dict[str, set[int]] = {}
         self._live: dict[str, str] = {}
 
     def set_live(self, worker_id: str, epoch: int | str) -> None:
         """The worker (re)started under ``epoch``: entries of older epochs stop counting."""
-        self._live[worker_id] = str(epoch)
+        with self._lock:
+            self._live[worker_id] = str(epoch)
 
     def remove_worker(self, worker_id: str) -> None:
+        """The worker left: forget it and every entry it wrote."""
+        with self._lock:
+            self._remove(worker_id)
+
+    def _remove(self, worker_id: str) -> None:
         self._live.pop(worker_id, None)
         for h in self._by_worker.pop(worker_id, set()):
             entries = self._blocks.get(h)
@@ -202,12 +211,15 @@ class InProcessPrefixIndex:
 
     def apply(self, worker_id: str, epoch: int | str, events) -> None:
         """Apply block events (objects with ``kind`` in stored/removed/cleared and ``block_hashes``)."""
-        epoch = str(epoch)
+        with self._lock:
+            self._apply(worker_id, str(epoch), events)
+
+    def _apply(self, worker_id: str, epoch: str, events) -> None:
         owned = self._by_worker.setdefault(worker_id, set())
         for ev in events:
             if ev.kind == "cleared":
                 live = self._live.get(worker_id)
-                self.remove_worker(worker_id)
+                self._remove(worker_id)
                 if live is not None:
                     self._live[worker_id] = live
                 owned = self._by_worker.setdefault(worker_id, set())
@@ -227,8 +239,9 @@ class InProcessPrefixIndex:
                 raise ValueError(f"unknown block event kind {ev.kind!r}")
 
     async def match(self, block_hashes: Sequence[int], worker_ids: Sequence[str]) -> dict[str, int]:
-        per_block = [self._blocks.get(h, {}) for h in list(block_hashes)[:self.max_blocks]]
-        return count_leading(per_block, worker_ids, self._live)
+        with self._lock:
+            per_block = [self._blocks.get(h, {}) for h in list(block_hashes)[:self.max_blocks]]
+            return count_leading(per_block, worker_ids, self._live)
 
     async def close(self) -> None:
         return None

@@ -195,7 +195,7 @@ def build_router(config: RouterConfig, *, tokenizer: RouterTokenizer | None = No
         finally:
             await state.close()
 
-    app = build_app(state.service, state.health_body, metrics.render, state.max_model_len)
+    app = build_app(state.service, state.health_body, metrics.render, state.max_model_len, config.allow_origins)
     app.router.lifespan_context = lifespan
     app.state.router = state
     return app, grpc_server

@@ -23,6 +23,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
 from engine import LLMEngine, SamplingParams
+from engine.hashing import hash_blocks
 from protos.gen import serving_pb2 as pb
 from protos.gen import serving_pb2_grpc as pb_grpc
 from workers.engine_loop import FORWARD_LOCK
@@ -154,6 +155,12 @@ def test_stop_strings_n_seeds_and_logprobs(oai):
     lp = oai.completions.create(model=LIVE_MODEL, prompt=ids, max_tokens=4, logprobs=2, **OAI_GREEDY)
     assert len(lp.choices[0].logprobs.tokens) == 4 and len(lp.choices[0].logprobs.token_logprobs) == 4
     assert all(len(top) == 2 for top in lp.choices[0].logprobs.top_logprobs)
+    # Disaggregated: the first token comes with the prefill worker's handle, which carries its
+    # logprob but not (yet) its alternatives.
+    remote = oai.completions.create(model=LIVE_MODEL, prompt=prompt(18, 100), max_tokens=4, logprobs=2,
+                                    **OAI_GREEDY).choices[0].logprobs
+    assert all(isinstance(lp, float) for lp in remote.token_logprobs)
+    assert [len(top) for top in remote.top_logprobs] == [0, 2, 2, 2]
     chat = oai.chat.completions.create(model=LIVE_MODEL, messages=[{"role": "user", "content": "hi"}],
                                        max_tokens=3, logprobs=True, top_logprobs=2, **OAI_GREEDY)
     content = chat.choices[0].logprobs.content
@@ -254,6 +261,41 @@ def test_a_dead_prefill_worker_is_retried_around_then_prefill_goes_local(live_cl
     r, text = live_cluster.call(ask([dead, live[1]]))          # no prefill worker answers at all
     assert r.status_code == 200, r.text
     assert 'decision="local",model_name="tiny",reason="prefill_failed"' in text
+
+
+def test_without_redis_the_in_process_index_routes_by_prefix(live_cluster, tokenizer):
+    """``baton up`` without Redis: a static worker list, and an in-process index the
+    workers feed from their block-event hooks."""
+    from router.config import RouterConfig
+    from router.directory import StaticWorkerDirectory, WorkerView
+    from router.prefix_index import InProcessPrefixIndex
+    from router.server import build_router
+
+    index = InProcessPrefixIndex()
+    for wid, host in live_cluster.hosts.items():
+        index.set_live(wid, host.epoch)
+        host.loop.add_block_event_hook(lambda events, wid=wid, epoch=host.epoch: index.apply(wid, epoch, events))
+    views = [WorkerView(w, h.role, h.address) for w, h in live_cluster.hosts.items()]
+    shared = prompt(19, 96)
+
+    async def run():
+        config = RouterConfig(model=LIVE_MODEL, max_model_len=512, local_prefill_threshold=32, grpc_port=0)
+        app, _ = build_router(config, tokenizer=tokenizer, directory=StaticWorkerDirectory(views), index=index)
+        state = app.state.router
+        usages = []
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://r") as c:
+            for tail in (20, 21):
+                r = await c.post("/v1/completions", json={"model": LIVE_MODEL, "prompt": shared + prompt(tail, 64),
+                                                          "max_tokens": 2, **GREEDY})
+                usages.append(r.json()["usage"])
+                await asyncio.sleep(0.2)              # block events reach the index from a thread
+        await state.close()
+        return usages, await index.match(hash_blocks(shared, 16), list(live_cluster.hosts))
+
+    usages, held = live_cluster.call(run())
+    assert usages[0]["prompt_tokens_details"]["cached_tokens"] == 0
+    assert usages[1]["prompt_tokens_details"]["cached_tokens"] == 96      # sent to the holder
+    assert held.get("d0") == 6 and max(held.get("p0", 0), held.get("p1", 0)) == 6
 
 
 def test_redis_going_away_degrades_routing_not_serving(live_cluster, live_redis, oai):
