@@ -30,9 +30,9 @@ from typing import Any, Callable
 
 log = logging.getLogger(__name__)
 
-# engine.attention.metadata keeps one forward context per process, so engines that
-# share a process (in-process tests, several workers in one process) step one at
-# a time. Uncontended (free) with one engine per process, as in production.
+# Engines that share a process (in-process tests, several workers in one process)
+# step one at a time: each forward already uses every core torch gives it, so
+# interleaving them only thrashes. Uncontended (free) with one engine per process.
 FORWARD_LOCK = threading.Lock()
 
 _IDLE_WAIT_S = 0.05       # idle: wake at least this often (expiry, stop)
@@ -215,8 +215,7 @@ class EngineLoop:
                 return True
 
     def _schedulable(self) -> bool:
-        s = self.engine.scheduler
-        return bool(s.running or s.waiting)
+        return self.engine.has_schedulable()
 
     def _step(self) -> bool:
         self.num_steps += 1
