@@ -10,8 +10,9 @@ routers can live in one process, e.g. tests). What the router measures itself:
   ``request_errors_total{code}``.
 - TTFT breakdown: ``ttft_phase_seconds{phase}`` with phase ``router_queue``,
   ``routing`` (hash + index + policy), ``prefill`` (the Prefill rpc, as the
-  router sees it) and ``decode_first_token`` (Decode rpc to its first chunk: KV
-  transfer + decode admission as the router sees them). When a worker reports its
+  router sees it), ``decode_first_token`` (Decode rpc to its first chunk: KV
+  transfer + decode admission as the router sees them) and, on the local path,
+  ``local_first_token`` (Generate rpc to its first chunk). When a worker reports its
   own parts (``metrics`` on the handle or chunk: ``prefill_queue``,
   ``prefill_compute``, ``kv_transfer``, ``decode_admission``, in seconds) they
   are recorded under the same histogram with that phase name.
