@@ -19,11 +19,15 @@ numbers are the step itself, not scheduling:
   MFU = (2 * linear params * T + 2 * lm_head params + causal attention FLOPs)
   / time / peak (989 TFLOP/s dense bf16 for H100/H200 SXM).
 
-The KV pool is capped (``--kv-pool-gib``); batches whose contexts exceed it
-(B=128, L=4096 needs 64 GiB on an 80 GB card) map their block tables onto the
-pool modulo its size. The kernels read exactly the same number of bytes (the
-reuse distance is the whole pool, far beyond L2), only distinct requests share
-physical blocks. ``--profile`` adds the top CUDA kernels of one eager step.
+KV memory: B=128 x L=4096 needs 64 GiB of KV for 32 layers, more than fits
+next to 15 GB of weights on an 80 GB card. The cache therefore holds
+``distinct`` layer slabs within ``--kv-pool-gib`` (each big enough for the
+largest batch, every request on its own shuffled blocks) and layer i uses slab
+``i % distinct``. Every layer still reads its full B*L context from HBM: a
+slab is reused only ``distinct`` layers later (20 on H100 at 40 GiB: gigabytes of
+traffic in between, far beyond the 50 MB L2). Sharing blocks *between requests*
+instead would not be faithful: requests of one KV head run concurrently and
+would hit in L2. ``--profile`` adds the top CUDA kernels of one eager step.
 
 ``--fused-layers`` routes RMSNorm(+residual), RoPE and SiLU-gating through the
 Triton kernels of ``engine.fused_ops`` by patching ``engine.models`` in this
@@ -75,6 +79,19 @@ def env_info(preset: str) -> dict:
                 time=time.strftime("%Y-%m-%dT%H:%M:%S"))
 
 
+class CyclicKVCache(KVCache):
+    """A KVCache whose ``layer(i)`` is slab ``i % distinct`` (see module docstring)."""
+
+    def __init__(self, spec: KVCacheSpec, num_blocks: int, device: torch.device, distinct: int):
+        self.spec, self.num_blocks, self.device, self.distinct = spec, num_blocks, device, distinct
+        self.tensor = torch.empty(distinct, 2, num_blocks, spec.block_size, spec.num_kv_heads, spec.head_dim,
+                                  dtype=spec.dtype, device=device)
+
+    def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        slab = self.tensor[i % self.distinct]
+        return slab[0], slab[1]
+
+
 def patch_fused_layers() -> None:
     """Route the model's elementwise stages through engine.fused_ops (this process only)."""
     from engine import fused_ops
@@ -110,11 +127,13 @@ def linear_params(model) -> tuple[int, int]:
 
 def decode_batch(B: int, L: int, bs: int, num_blocks: int, gen: torch.Generator):
     nb = -(-L // bs)
+    if B * nb > num_blocks:
+        raise ValueError(f"B={B} x L={L} needs {B * nb} blocks per layer, the cache has {num_blocks}")
     perm = torch.randperm(num_blocks, generator=gen).tolist()
     sched, reqs = SchedulerOutput(), {}
     params = SamplingParams(temperature=0.0, max_tokens=1 << 20, ignore_eos=True)
     for b in range(B):
-        blocks = [perm[(b * nb + i) % num_blocks] for i in range(nb)]
+        blocks = perm[b * nb:(b + 1) * nb]
         rid = f"d{b}"
         sched.requests.append(ScheduledRequest(rid, [int(torch.randint(100, 30000, (1,), generator=gen))],
                                                L - 1, blocks, True))
@@ -207,8 +226,14 @@ def main() -> None:
     load_s = time.perf_counter() - t0
     spec = KVCacheSpec(config.num_hidden_layers, config.num_key_value_heads, config.head_dim,
                        args.block_size, torch.bfloat16)
-    num_blocks = int(args.kv_pool_gib * 2**30 // spec.bytes_per_block)
-    kv = KVCache(spec, num_blocks, dev)
+    bs = args.block_size
+    num_blocks = max([B * -(-L // bs) for B in args.batches for L in args.contexts]
+                     + [-(-T // bs) for T in args.prefill])
+    slab_bytes = spec.bytes_per_block // spec.num_layers * num_blocks
+    distinct = min(spec.num_layers, int(args.kv_pool_gib * 2**30 // slab_bytes))
+    if distinct < 8:
+        raise ValueError(f"--kv-pool-gib {args.kv_pool_gib} holds only {distinct} layer slabs; need >= 8")
+    kv = CyclicKVCache(spec, num_blocks, dev, distinct)
     kv.tensor.normal_()                                # never time on zeros
     max_len = max(max(args.contexts), max(args.prefill))
     runner = ModelRunner(model, kv, TritonAttention(), dev, max_model_len=max_len)
@@ -217,10 +242,12 @@ def main() -> None:
     p_layers, p_head = linear_params(model)
     res = dict(env=info, nominal_hbm_gbs=nominal, peak_bf16_tflops=PEAK_BF16_TFLOPS,
                weight_bytes=wbytes, embedding_bytes_excluded=emb_bytes, kv_bytes_per_token=spec.bytes_per_token,
-               kv_pool_blocks=num_blocks, block_size=args.block_size, model_build_s=round(load_s, 1),
+               kv_blocks_per_layer=num_blocks, kv_distinct_layer_slabs=distinct,
+               block_size=args.block_size, model_build_s=round(load_s, 1),
                graph_buckets=graphs.buckets)
     print(f"{info['device']}: weights {wbytes / 1e9:.2f} GB (+{emb_bytes / 1e9:.2f} GB embedding), "
-          f"KV {spec.bytes_per_token} B/token, pool {num_blocks} blocks, built in {load_s:.1f}s", flush=True)
+          f"KV {spec.bytes_per_token} B/token, {num_blocks} blocks/layer in {distinct} slabs, "
+          f"built in {load_s:.1f}s", flush=True)
     gen = torch.Generator().manual_seed(0)
 
     rows = []
@@ -228,8 +255,7 @@ def main() -> None:
         for B in args.batches:
             sched, reqs = decode_batch(B, L, args.block_size, num_blocks, gen)
             roof_ms = (wbytes + B * L * spec.bytes_per_token) / (nominal * 1e6)
-            row = dict(batch=B, context=L, roofline_ms=round(roof_ms, 3),
-                       kv_pool_shared=B * -(-L // args.block_size) > num_blocks)
+            row = dict(batch=B, context=L, roofline_ms=round(roof_ms, 3))
             ids, pos, meta = runner.prepare(sched)
             rows_idx = torch.arange(B, device=dev)
 
