@@ -197,6 +197,25 @@ def top_kernels(fn, steps: int = 3, top: int = 15) -> list[dict]:
                  kernel_launches_per_step=sum(r["calls_per_step"] for r in rows))] + rows[:top]
 
 
+def host_profile(runner, sched, reqs, steps: int = 10, top: int = 12) -> dict:
+    """Where the host time of ``runner.execute`` goes (cProfile, ms per step), plus ``prepare`` alone."""
+    import cProfile
+    import pstats
+    prep = wall_ms(lambda: runner.prepare(sched), reps=steps)
+    runner.execute(sched, reqs)
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(steps):
+        runner.execute(sched, reqs)
+    torch.cuda.synchronize()
+    prof.disable()
+    st = pstats.Stats(prof)
+    rows = sorted(((v[2], v[3], k) for k, v in st.stats.items()), reverse=True)[:top]   # (tottime, cumtime, func)
+    return dict(prepare_ms=round(prep, 3), top_tottime=[
+        dict(func=f"{Path(k[0]).name}:{k[1]}({k[2]})", tottime_ms=round(1e3 * t / steps, 3),
+             cumtime_ms=round(1e3 * c / steps, 3)) for t, c, k in rows])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
@@ -209,6 +228,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--no-eager", action="store_true", help="skip the eager (no CUDA graph) decode runs")
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--host-profile", action="store_true", help="cProfile of runner.execute (graph mode)")
     ap.add_argument("--fused-layers", action="store_true", help="patch in engine.fused_ops (see docstring)")
     ap.add_argument("--nominal-gbs", type=float, default=None)
     args = ap.parse_args()
@@ -307,6 +327,18 @@ def main() -> None:
             for r in v[1:9]:
                 print(f"   {r['us_per_step']:9.1f} us  x{r['calls_per_step']:4d}  {r['name']}")
         runner.graphs = graphs
+
+    if args.host_profile:
+        runner.graphs = graphs
+        hp = {}
+        for B in args.batches:
+            for L in args.contexts:
+                sched, reqs = decode_batch(B, L, args.block_size, num_blocks, gen)
+                hp[f"decode_B{B}_L{L}_graph"] = h = host_profile(runner, sched, reqs)
+                print(f"\nhost B={B} L={L}: prepare {h['prepare_ms']} ms")
+                for r in h["top_tottime"][:8]:
+                    print(f"   {r['tottime_ms']:7.3f} ms self  {r['cumtime_ms']:7.3f} ms cum  {r['func']}")
+        res["host_profile"] = hp
 
     res["graph_capture_seconds"] = {str(k): round(v, 3) for k, v in graphs.capture_seconds.items()}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
