@@ -196,7 +196,8 @@ async def run(args) -> dict:
     await client.close()
     report = summarize(results, duration, args)
     report["config"] = {k: (str(v) if isinstance(v, float) and v == float("inf") else v)
-                        for k, v in vars(args).items() if k != "api_key"}
+                        for k, v in vars(args).items()
+                        if k != "api_key" and isinstance(v, (str, int, float, bool, type(None)))}
     report["model"] = model
     return report
 

@@ -125,8 +125,18 @@ def cmd_up(args) -> int:
 
     console.print(f"[bold]baton up[/bold]: {cfg.pools.prefill} prefill, {cfg.pools.decode} decode, "
                   f"{cfg.pools.colocated} colocated worker(s) of [cyan]{cfg.engine.model}[/cyan] …")
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)   # `baton down` while starting: launch() cleans up
+    write_state({"pid": os.getpid(), "starting": True, "namespace": cfg.ray.namespace})
     t0 = time.monotonic()
-    handle = launch(cfg)
+    try:
+        handle = launch(cfg)
+    except BaseException:
+        _drop_state()
+        raise
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
     try:
@@ -136,8 +146,8 @@ def cmd_up(args) -> int:
                      "started_at": time.time()})
         state = handle.state()
         console.print(f"ready in {time.monotonic() - t0:.1f}s")
-        console.print(f"  OpenAI API   [green]{handle.http_url}/v1[/green]  (health: {handle.http_url}/health, "
-                      f"metrics: {handle.http_url}/metrics)")
+        console.print(f"  OpenAI API   [green]{handle.http_url}/v1[/green]")
+        console.print(f"  health       {handle.http_url}/health   metrics {handle.http_url}/metrics")
         if handle.grpc_address:
             console.print(f"  gRPC API     [green]{handle.grpc_address}[/green]")
         console.print(f"  store        {handle.store_url} ({handle.store_kind})")
@@ -153,11 +163,15 @@ def cmd_up(args) -> int:
     finally:
         console.print("stopping …")
         handle.shutdown()
-        st = read_state()
-        if st and st.get("pid") == os.getpid():
-            state_path().unlink(missing_ok=True)
+        _drop_state()
         console.print("stopped.")
     return 0
+
+
+def _drop_state() -> None:
+    st = read_state()
+    if st and st.get("pid") == os.getpid():
+        state_path().unlink(missing_ok=True)
 
 
 def _write_prometheus_sd(path: str, handle) -> None:

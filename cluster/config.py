@@ -189,6 +189,11 @@ class ClusterConfig:
     redis: RedisSection = field(default_factory=RedisSection)
     ray: RaySection = field(default_factory=RaySection)
 
+    def __post_init__(self) -> None:
+        if self.engine.device.startswith("cuda") and self.pools.num_gpus <= 0:
+            raise ValueError("engine.device is cuda but pools.num_gpus is 0: Ray would give the workers no GPU "
+                             "(set pools.num_gpus, e.g. 1)")
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 

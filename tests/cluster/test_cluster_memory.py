@@ -62,6 +62,7 @@ def test_cli_generate(tiny_model_dir, capsys):
     assert "5 generated tokens" in captured.err and "tok/s" in captured.err
 
 
-def test_cli_up_refuses_bad_config(capsys):
+def test_cli_up_refuses_bad_config(capsys, monkeypatch, tmp_path):
+    monkeypatch.setenv("BATON_STATE_DIR", str(tmp_path))
     assert cli.main(["up", "--prefill", "0", "--decode", "2"]) == 2
     assert "come together" in capsys.readouterr().err

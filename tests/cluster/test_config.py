@@ -46,6 +46,7 @@ def test_engine_section_builds_engine_config():
     ({"bogus.x": 1}, "SECTION.FIELD"),
     ({"pools.restart_dead": 1}, "must be bool"),
     ({"pools.resources": {"router": {"x": 1}}}, "pools.resources"),
+    ({"engine.device": "cuda"}, "pools.num_gpus is 0"),
 ])
 def test_validation_errors_name_the_key(overrides, message):
     with pytest.raises(ValueError, match=message):
