@@ -16,6 +16,9 @@ REPO = str(Path(__file__).resolve().parents[2])
 
 @pytest.fixture(scope="module")
 def ray_cluster():
+    if ray.is_initialized():          # another suite's session Ray (cluster tests) is up: share it
+        yield
+        return
     old = os.environ.get("RAY_AUTH_MODE")
     os.environ["RAY_AUTH_MODE"] = "disabled"
     tmp = tempfile.mkdtemp(prefix="ray", dir="/tmp")      # short: Ray's socket paths must fit 107 chars
