@@ -50,6 +50,7 @@ _TICK_S = 1.0               # reconcile period
 _STATS_TIMEOUT_S = 5.0      # a worker that misses this many seconds of stats polls in a row...
 _MAX_MISSES = 3             # ...this many times is treated as dead
 _READY_TIMEOUT_S = 600.0    # model load included
+_REAP_EVERY = 10            # ticks between sweeps of dead registry entries
 
 
 @dataclass
@@ -102,6 +103,9 @@ class Controller:
 
         self._registry = Registry(connect(self.store_url, asyncio=True), self.config.redis.namespace,
                                   self.config.redis.heartbeat_ttl_s)
+        reaped = await self._registry_call("areap_dead")
+        if reaped:
+            self._event(f"cleared stale registry entries: {', '.join(reaped)}")
         for role in ROLES:
             for _ in range(self._targets[role]):
                 self._spawn(role)
@@ -341,9 +345,15 @@ class Controller:
         return stats
 
     async def _reconcile_loop(self) -> None:
+        tick = 0
         while not self._stopping:
+            tick += 1
             try:
                 await self._reconcile()
+                if tick % _REAP_EVERY == 0:
+                    # starting workers may not have registered yet: never reap a slot we manage
+                    managed = {wid for wid, s in self._slots.items() if s.state.status != "stopped"}
+                    await self._registry_call("areap_dead", managed)
             except asyncio.CancelledError:
                 raise
             except Exception:

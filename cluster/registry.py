@@ -19,7 +19,9 @@ client (``cluster.store.connect(url, asyncio=True)``).
 
 A worker is live when its alive key holds its current epoch. If the alive key
 expires (crash, hang, partition), the worker is dead to routers at once; the
-controller deregisters it when it replaces it.
+controller deregisters it when it replaces it, and ``reap_dead`` (the
+controller, at start and every few seconds) clears entries nobody owns any more
+(e.g. a previous cluster's, on a shared Redis).
 """
 
 from __future__ import annotations
@@ -170,6 +172,21 @@ class Registry:
 
     def list_live(self, role: str | None = None) -> list[WorkerInfo]:
         return [r.info for r in self.snapshot() if r.alive and (role is None or r.info.role == role)]
+
+    def reap_dead(self, keep: set[str] = frozenset()) -> list[str]:
+        """Deregister every entry whose worker is dead (alive key gone or of another epoch),
+        except ``keep``. Returns the ids reaped. A worker that was only late re-registers on
+        its next heartbeat and its index writer resyncs (its ``wblk`` set is gone)."""
+        dead = [r.info.worker_id for r in self.snapshot() if not r.alive and r.info.worker_id not in keep]
+        for wid in dead:
+            self.deregister(wid)
+        return dead
+
+    async def areap_dead(self, keep: set[str] = frozenset()) -> list[str]:
+        dead = [r.info.worker_id for r in await self.asnapshot() if not r.alive and r.info.worker_id not in keep]
+        for wid in dead:
+            await self.aderegister(wid)
+        return dead
 
     async def asnapshot(self) -> list[WorkerRecord]:
         entries = await self.client.hgetall(keys.workers_key(self.ns))

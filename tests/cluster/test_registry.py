@@ -142,3 +142,16 @@ def test_async_twins(redis_server):
     rec, dropped, left = asyncio.run(go())
     assert rec.alive and rec.info.draining and rec.stats == {"num_running": 3}
     assert dropped == 1 and left == []
+
+
+def test_reap_dead_clears_stale_entries(client):
+    reg = Registry(client, ttl_s=0.2)
+    old, live = _info("decode-old"), _info("decode-live")
+    reg.register(old)
+    PrefixIndexWriter(client, old.worker_id, old.epoch, "m").apply([BlockEvent("stored", [1])])
+    time.sleep(0.3)
+    reg.ttl_s = 5.0
+    reg.register(live)
+    assert reg.reap_dead(keep={"decode-zzz"}) == ["decode-old"]
+    assert [r.info.worker_id for r in reg.snapshot()] == ["decode-live"]
+    assert client.exists(keys.block_key("m", 1)) == 0
