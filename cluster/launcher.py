@@ -140,7 +140,7 @@ def start_store(config: ClusterConfig, *, local: bool) -> tuple[str, str, RedisS
         return url, "embedded-redis", server, None
     from cluster.memory_store import start_store_actor
 
-    actor = start_store_actor(STORE_ACTOR_NAME)
+    actor = create_named_actor(lambda: start_store_actor(STORE_ACTOR_NAME))
     log.info("store: no redis-server binary (or embedded_server off); using the in-process store actor %r",
              STORE_ACTOR_NAME)
     return f"memory://{STORE_ACTOR_NAME}", "memory", None, actor
@@ -167,7 +167,7 @@ def launch(config: ClusterConfig | None = None, *, start_router: bool = True, wo
         options: dict = {"name": CONTROLLER_NAME, "namespace": config.ray.namespace}
         if config.ray.detached:
             options["lifetime"] = "detached"
-        controller = controller_actor().options(**options).remote(config, store_url, worker_factory)
+        controller = create_named_actor(lambda: controller_actor().options(**options).remote(config, store_url, worker_factory))
         handle = ClusterHandle(config, store_url, kind, controller, redis=server, store_actor=store_actor,
                                owns_ray=owns_ray, ray_address=ray.get_runtime_context().gcs_address)
         try:
@@ -187,6 +187,20 @@ def launch(config: ClusterConfig | None = None, *, start_router: bool = True, wo
         elif owns_ray:
             ray.shutdown()
         raise
+
+
+def create_named_actor(create, timeout_s: float = 10.0):
+    """Create a named actor, waiting out a previous holder of the name that is still being killed."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return create()
+        except ValueError as e:
+            if "already" not in str(e) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
 
 
 def temp_ray_dir() -> str:

@@ -243,12 +243,12 @@ def local_store() -> MemoryStore:
 # -- Ray actor -------------------------------------------------------------
 
 def start_store_actor(name: str, *, namespace: str | None = None):
-    """Start (or get) the named store actor; returns its handle. Needs ``ray.init`` first."""
+    """Start the named store actor; returns its handle. Needs ``ray.init`` first; raises
+    ValueError if an actor of that name exists."""
     import ray
 
     actor_cls = ray.remote(num_cpus=0, max_concurrency=64)(MemoryStore)
-    return actor_cls.options(name=name, namespace=namespace, get_if_exists=True,
-                             lifetime=None).remote()
+    return actor_cls.options(name=name, namespace=namespace).remote()
 
 
 def _actor_error(e: Exception) -> Exception:

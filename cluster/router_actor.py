@@ -84,8 +84,11 @@ def start_router_actor(config, name: str, namespace: str | None = None, timeout_
 
     here = ray.get_runtime_context().get_node_id()
     actor_cls = ray.remote(num_cpus=0, max_restarts=0)(RouterActor)
-    actor = actor_cls.options(name=name, namespace=namespace,
-                              scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False)).remote(config)
+    from cluster.launcher import create_named_actor
+
+    actor = create_named_actor(lambda: actor_cls.options(
+        name=name, namespace=namespace,
+        scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False)).remote(config))
     try:
         http_port, grpc_port = ray.get(actor.start.remote(timeout_s))
     except BaseException:
