@@ -77,6 +77,13 @@ def _reason(e: BaseException) -> str:
     return f"{type(e).__name__}: {e}".strip()[:300]
 
 
+def _check_targets(targets: dict[str, int]) -> None:
+    if sum(targets.values()) == 0:
+        raise ValueError("cannot remove the last worker: the cluster would have none")
+    if (targets["prefill"] == 0) != (targets["decode"] == 0) and targets["colocated"] == 0:
+        raise ValueError("prefill and decode pools need each other (or colocated workers)")
+
+
 def _is_idle(stats: dict) -> bool:
     return not (stats.get("num_running", 0) or stats.get("num_waiting", 0) or stats.get("num_held", 0))
 
@@ -155,11 +162,7 @@ class Controller:
             raise ValueError(f"role must be one of {ROLES}, got {role!r}")
         if not isinstance(n, int) or n < 0:
             raise ValueError(f"pool size must be an integer >= 0, got {n!r}")
-        targets = dict(self._targets, **{role: n})
-        if sum(targets.values()) == 0:
-            raise ValueError("cannot scale the last pool to 0: the cluster would have no worker")
-        if (targets["prefill"] == 0) != (targets["decode"] == 0) and targets["colocated"] == 0:
-            raise ValueError("prefill and decode pools need each other (or colocated workers)")
+        _check_targets(dict(self._targets, **{role: n}))
         self._targets[role] = n
         active = [s for s in self._slots.values()
                   if s.state.role == role and s.state.status in ("starting", "ready", "dead")]
@@ -182,7 +185,9 @@ class Controller:
         slot = self._slots.get(worker_id)
         if slot is None or slot.state.status in ("stopped", "draining"):
             raise ValueError(f"no active worker {worker_id!r}")
-        self._targets[slot.state.role] = max(0, self._targets[slot.state.role] - 1)
+        role = slot.state.role
+        _check_targets(dict(self._targets, **{role: max(0, self._targets[role] - 1)}))
+        self._targets[role] = max(0, self._targets[role] - 1)
         self._begin_drain(slot)
         self._event(f"drain {worker_id}")
         if wait and slot.drain_task is not None:
@@ -258,20 +263,30 @@ class Controller:
                 slot.state.error = _reason(e)
                 self._event(f"{slot.state.worker_id} failed to start: {slot.state.error}")
             return
-        if slot.actor is actor and slot.state.status == "starting":
+        if slot.actor is actor:
             slot.state.address = str(address)
-            slot.state.status = "ready"
-            slot.ever_ready = True
-            self._event(f"{slot.state.worker_id} ready at {address}")
+            slot.ever_ready = True                  # registered: routers may use it from now on
+            if slot.state.status == "starting":
+                slot.state.status = "ready"
+                self._event(f"{slot.state.worker_id} ready at {address}")
 
     def _begin_drain(self, slot: _Slot) -> None:
-        if slot.state.status in ("dead", "starting"):
-            # never routable (or already gone): stop at once, nothing to drain
-            slot.state.status = "draining"
-            slot.drain_task = asyncio.get_running_loop().create_task(self._finish(slot))
-            return
-        slot.state.status = "draining"
-        slot.drain_task = asyncio.get_running_loop().create_task(self._drain(slot))
+        status, slot.state.status = slot.state.status, "draining"
+        loop = asyncio.get_running_loop()
+        if status == "dead":            # gone already: nothing to drain
+            slot.drain_task = loop.create_task(self._finish(slot))
+        elif status == "starting":      # it may register any moment: let it, then drain it like any other
+            slot.drain_task = loop.create_task(self._drain_once_started(slot))
+        else:
+            slot.drain_task = loop.create_task(self._drain(slot))
+
+    async def _drain_once_started(self, slot: _Slot) -> None:
+        if slot.ready_task is not None:
+            await asyncio.gather(asyncio.shield(slot.ready_task), return_exceptions=True)
+        if slot.ever_ready and slot.actor is not None:
+            await self._drain(slot)
+        else:
+            await self._finish(slot)
 
     async def _drain(self, slot: _Slot) -> None:
         wid = slot.state.worker_id
@@ -395,6 +410,11 @@ class Controller:
     async def _wait_pool(self, role: str, n: int, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
+            failed = [s.state for s in self._slots.values()
+                      if s.state.role == role and s.state.status == "dead" and not s.ever_ready]
+            if failed:
+                raise RuntimeError("workers failed to start: " +
+                                   "; ".join(f"{s.worker_id}: {s.error}" for s in failed))
             slots = [s.state for s in self._slots.values() if s.state.role == role]
             ready = sum(1 for s in slots if s.status == "ready")
             busy = sum(1 for s in slots if s.status in ("starting", "draining"))

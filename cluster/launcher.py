@@ -161,17 +161,18 @@ def launch(config: ClusterConfig | None = None, *, start_router: bool = True, wo
 
     config = config or ClusterConfig()
     owns_ray = init_ray(config)
-    handle = None
+    handle = ClusterHandle(config, "", "", None, owns_ray=owns_ray,
+                           ray_address=ray.get_runtime_context().gcs_address)
     try:
-        store_url, kind, server, store_actor = start_store(config, local=config.ray.address is None)
+        handle.store_url, handle.store_kind, handle.redis, handle.store_actor = start_store(
+            config, local=config.ray.address is None)
         options: dict = {"name": CONTROLLER_NAME, "namespace": config.ray.namespace}
         if config.ray.detached:
             options["lifetime"] = "detached"
-        controller = create_named_actor(lambda: controller_actor().options(**options).remote(config, store_url, worker_factory))
-        handle = ClusterHandle(config, store_url, kind, controller, redis=server, store_actor=store_actor,
-                               owns_ray=owns_ray, ray_address=ray.get_runtime_context().gcs_address)
+        handle.controller = create_named_actor(
+            lambda: controller_actor().options(**options).remote(config, handle.store_url, worker_factory))
         try:
-            ray.get(controller.start.remote(True, ready_timeout_s))
+            ray.get(handle.controller.start.remote(True, ready_timeout_s))
         except ray.exceptions.RayTaskError as e:   # show the cause, not Ray's remote traceback
             cause = getattr(e, "cause", None)
             raise (cause if isinstance(cause, Exception) else e) from None
@@ -179,13 +180,10 @@ def launch(config: ClusterConfig | None = None, *, start_router: bool = True, wo
             from cluster.router_actor import start_router_actor
 
             handle.router, handle.http_url, handle.grpc_address = start_router_actor(
-                router_config(config, store_url), ROUTER_ACTOR_NAME, config.ray.namespace)
+                router_config(config, handle.store_url), ROUTER_ACTOR_NAME, config.ray.namespace)
         return handle
     except BaseException:
-        if handle is not None:
-            handle.shutdown()
-        elif owns_ray:
-            ray.shutdown()
+        handle.shutdown()
         raise
 
 

@@ -77,8 +77,16 @@ def test_pools_scale_drain_restart(redis_server):
         new = next(i for i in reg.list_live() if i.worker_id == victim)
         assert new.epoch != old_epoch
 
+        # scale up and straight back down: the starting worker is stopped cleanly
+        ray.get(ctl.scale.remote("decode", 2, False))
+        ray.get(ctl.scale.remote("decode", 1, True, 30))
+        assert len(reg.list_live("decode")) == 1
+        assert len([w for w in _statuses(ctl) if w.startswith("decode")]) == 1
+
         with pytest.raises(ValueError, match="need each other"):
             ray.get(ctl.scale.remote("prefill", 0))
+        with pytest.raises(ValueError, match="need each other"):
+            ray.get(ctl.drain.remote(victim))
         with pytest.raises(ValueError, match="no active worker"):
             ray.get(ctl.drain.remote("decode-9"))
     finally:
@@ -95,3 +103,21 @@ def test_start_failure_is_reported(redis_server):
     finally:
         ray.get(ctl.shutdown.remote())
         ray.kill(ctl)
+
+
+def test_launch_failure_cleans_up(tmp_path):
+    from cluster.launcher import launch
+
+    cfg = load_config(overrides={"engine.model": str(tmp_path / "no-such-model"), "router.port": 0,
+                                 "router.grpc_port": 0, "pools.num_cpus": 0.1})
+    with pytest.raises(RuntimeError, match="decode-0|prefill-0"):
+        launch(cfg, ready_timeout_s=60)
+    assert _wait(lambda: not _actor_exists("baton-controller"))
+
+
+def _actor_exists(name):
+    try:
+        ray.get_actor(name)
+        return True
+    except ValueError:
+        return False
