@@ -10,6 +10,7 @@ CUDA graph (``engine.cuda_graphs``) when one is installed.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from engine.attention.metadata import AttentionMetadata, forward_context
@@ -33,35 +34,40 @@ class ModelRunner:
         self._pin = device.type == "cuda"
 
     def prepare(self, sched: SchedulerOutput) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
-        input_ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        qsl = [0]
-        seq_lens: list[int] = []
+        """Host-side batch building in numpy (a nested-list ``torch.tensor`` of the
+        block tables alone cost ~1.6 ms per step at B=128 on an H100 host), then
+        one pinned, non-blocking copy per tensor."""
         bs = self.block_size
-        width = max(len(s.block_ids) for s in sched.requests)
-        tables = []
-        for s in sched.requests:
-            n = len(s.token_ids)
-            input_ids += s.token_ids
-            pos = range(s.start_pos, s.start_pos + n)
-            positions += pos
-            slots += [s.block_ids[p // bs] * bs + p % bs for p in pos]
-            qsl.append(qsl[-1] + n)
-            seq_lens.append(s.start_pos + n)
-            tables.append(s.block_ids + [0] * (width - len(s.block_ids)))
-        query_lens = [len(s.token_ids) for s in sched.requests]
+        reqs = sched.requests
+        query_lens = [len(s.token_ids) for s in reqs]
+        starts = [s.start_pos for s in reqs]
+        seq_lens = [st + n for st, n in zip(starts, query_lens)]
+        width = max(len(s.block_ids) for s in reqs)
+        tables = np.zeros((len(reqs), width), dtype=np.int32)
+        for i, s in enumerate(reqs):
+            tables[i, :len(s.block_ids)] = s.block_ids
+        input_ids = np.fromiter((t for s in reqs for t in s.token_ids), dtype=np.int64, count=sum(query_lens))
+        if max(query_lens) == 1:                       # decode-only: one position per request
+            positions = np.asarray(starts, dtype=np.int64)
+            slots = tables[np.arange(len(reqs)), positions // bs].astype(np.int64) * bs + positions % bs
+        else:
+            positions = np.concatenate([np.arange(st, st + n, dtype=np.int64) for st, n in zip(starts, query_lens)])
+            rows = np.repeat(np.arange(len(reqs)), query_lens)
+            slots = tables[rows, positions // bs].astype(np.int64) * bs + positions % bs
+        qsl = np.zeros(len(reqs) + 1, dtype=np.int32)
+        np.cumsum(query_lens, out=qsl[1:])
 
-        def t(x, dtype):
-            x = torch.tensor(x, dtype=dtype, pin_memory=self._pin)
+        def t(x: np.ndarray) -> torch.Tensor:
+            x = torch.from_numpy(x)
+            if self._pin:
+                x = x.pin_memory()
             return x.to(self.device, non_blocking=True)
 
         meta = AttentionMetadata(
-            slot_mapping=t(slots, torch.int64), query_start_loc=t(qsl, torch.int32),
-            seq_lens=t(seq_lens, torch.int32), block_tables=t(tables, torch.int32),
-            max_query_len=max(query_lens), max_seq_len=max(seq_lens),
+            slot_mapping=t(slots), query_start_loc=t(qsl), seq_lens=t(np.asarray(seq_lens, dtype=np.int32)),
+            block_tables=t(tables), max_query_len=max(query_lens), max_seq_len=max(seq_lens),
             query_lens_cpu=query_lens, seq_lens_cpu=seq_lens)
-        return t(input_ids, torch.int64), t(positions, torch.int64), meta
+        return t(input_ids), t(positions), meta
 
     @torch.inference_mode()
     def forward(self, input_ids, positions, meta: AttentionMetadata) -> torch.Tensor:

@@ -53,14 +53,36 @@ class RMSNorm(nn.Module):
         return self.weight * x.to(dtype)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        if x.is_cuda and (fused := _fused_ops()) is not None:   # one Triton kernel on GPU
+            if residual is None:
+                return fused.rmsnorm(x, self.weight, self.eps)
+            return fused.add_rmsnorm(x, residual, self.weight, self.eps)
         if residual is None:
             return self._norm(x)
         x = x + residual
         return self._norm(x), x
 
 
+def _fused_ops():
+    """``engine.fused_ops`` (Triton, same numerics as the torch code here) when
+    Triton imports, else None — CPU keeps the torch path."""
+    global _FUSED
+    if _FUSED is False:
+        try:
+            from engine import fused_ops
+            _FUSED = fused_ops
+        except Exception:       # no Triton (CPU build): stay on torch
+            _FUSED = None
+    return _FUSED
+
+
+_FUSED = False
+
+
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     """``[..., 2I]`` (gate ‖ up) → ``silu(gate) * up`` ``[..., I]``."""
+    if x.is_cuda and (fused := _fused_ops()) is not None:
+        return fused.silu_and_mul(x)
     gate, up = x.chunk(2, dim=-1)
     return F.silu(gate) * up
 
@@ -318,7 +340,10 @@ class RotaryEmbedding(nn.Module):
 
 
 def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-    """Rotate q ``[T, H, D]`` and k ``[T, KH, D]`` (HF rotate_half layout), math in fp32."""
+    """Rotate q ``[T, H, D]`` and k ``[T, KH, D]`` (HF rotate_half layout), math in fp32.
+    On GPU one Triton kernel rotates both in place."""
+    if q.is_cuda and (fused := _fused_ops()) is not None:
+        return fused.rope_(q, k, cos, sin)
     return _rotate(q, cos, sin), _rotate(k, cos, sin)
 
 
