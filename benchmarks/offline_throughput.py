@@ -114,6 +114,8 @@ def main(argv=None):
     ap.add_argument("--output-len", type=int, default=32)
     ap.add_argument("--fixed", action="store_true", help="all prompts exactly --prompt-len tokens")
     ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--gpu-memory-utilization", type=float, default=0.45,
+                    help="our engine's share of the GPU (the transformers twin needs the rest)")
     ap.add_argument("--out", default=None, help="result name under benchmarks/results/")
     args = ap.parse_args(argv)
 
@@ -122,7 +124,8 @@ def main(argv=None):
     max_batch = max(args.batches)
     engine = LLMEngine(EngineConfig(model=args.model, device=args.device, dtype=args.dtype,
                                     max_num_seqs=max(max_batch, 1), max_num_batched_tokens=4096,
-                                    enable_prefix_caching=False))
+                                    enable_prefix_caching=False,
+                                    gpu_memory_utilization=args.gpu_memory_utilization))
     hf = None if args.skip_hf else hf_model_like(engine, args.device, dtype)
     vocab = min(engine.model_config.vocab_size, 49152)
     rows = []
