@@ -251,6 +251,9 @@ def start_store_actor(name: str, *, namespace: str | None = None):
     return actor_cls.options(name=name, namespace=namespace).remote()
 
 
+_CALL_TIMEOUT_S = 5.0
+
+
 def _actor_error(e: Exception) -> Exception:
     return RedisConnectionError(f"in-process store unreachable: {e}")
 
@@ -267,10 +270,10 @@ class _Backend:
     def run(self, commands: list[Command]) -> list:
         if self.is_local:
             return self._target.execute(commands)
-        import ray
-
         try:
-            return ray.get(self._target.execute.remote(commands))
+            # a Future, not ray.get: callers are threads of async actors (index writers), where
+            # ray.get would warn about blocking the event loop it is not on
+            return self._target.execute.remote(commands).future().result(timeout=_CALL_TIMEOUT_S)
         except ResponseError:
             raise
         except Exception as e:  # actor died or unreachable
@@ -279,8 +282,10 @@ class _Backend:
     async def arun(self, commands: list[Command]) -> list:
         if self.is_local:
             return self._target.execute(commands)
+        import asyncio
+
         try:
-            return await self._target.execute.remote(commands)
+            return await asyncio.wait_for(self._target.execute.remote(commands), _CALL_TIMEOUT_S)
         except ResponseError:
             raise
         except Exception as e:

@@ -63,3 +63,30 @@ def test_async_client_and_local_url():
 def test_bad_url():
     with pytest.raises(ValueError, match="store url"):
         connect("http://localhost")
+
+
+def test_store_actor_sync_async_and_death(ray_session):
+    import ray
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    from cluster.memory_store import start_store_actor
+
+    actor = start_store_actor("test-store-actor")
+    sync = connect("memory://test-store-actor")
+    assert sync.hset("h", "w", "e1") == 1
+    pipe = sync.pipeline()
+    pipe.hget("h", "w")
+    pipe.sadd("s", "a")
+    assert pipe.execute() == ["e1", 1]
+
+    async def go():
+        c = connect("memory://test-store-actor", asyncio=True)
+        return await c.hgetall("h")
+
+    assert asyncio.run(go()) == {"w": "e1"}
+    ray.kill(actor)
+    time.sleep(0.5)
+    with pytest.raises(RedisConnectionError):
+        sync.get("h")
+    with pytest.raises(ValueError, match="no in-process store actor"):
+        connect("memory://no-such-store")
