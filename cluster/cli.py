@@ -246,6 +246,19 @@ def _state_from_registry(store_url: str, namespace: str) -> dict:
     return {"model": model, "store_url": store_url, "targets": targets, "workers": workers}
 
 
+def _router_health(http_url: str) -> str:
+    import httpx
+
+    try:
+        body = httpx.get(http_url + "/health", timeout=2.0).json()
+    except Exception as e:
+        return f"[red]unreachable[/red] ({type(e).__name__})"
+    color = {"ok": "green", "degraded": "yellow"}.get(body.get("status"), "red")
+    return (f"[{color}]{body.get('status')}[/{color}]  prefix index {body.get('prefix_index', '?')}, "
+            f"registry {body.get('registry', '?')}, running {body.get('num_requests_running', '?')}, "
+            f"queued {body.get('num_requests_waiting', '?')}")
+
+
 def cmd_status(args) -> int:
     console = _console()
     st = read_state() or {}
@@ -265,6 +278,8 @@ def cmd_status(args) -> int:
         print(json.dumps(state, indent=2))
         return 0
     console.print(render_status(state, st))
+    if st.get("http_url"):
+        console.print(f"router: {_router_health(st['http_url'])}")
     if source != "controller":
         console.print(f"[yellow]from the {source}[/yellow]")
     for ev in state.get("events", [])[-5:]:

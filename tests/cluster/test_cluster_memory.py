@@ -49,7 +49,7 @@ def test_cli_status_and_errors(cluster, monkeypatch, tmp_path, capsys):
     assert {w["worker_id"]: w["status"] for w in state["workers"]} == {"prefill-0": "ready", "decode-0": "ready"}
     assert cli.main(["status"]) == 0
     out = capsys.readouterr().out
-    assert "prefill-0" in out and "cache hit" in out
+    assert "prefill-0" in out and "cache hit" in out and "router: ok" in out
     assert cli.main(["scale", "prefill", "0"]) == 2
     assert "need each other" in capsys.readouterr().err
     assert cli.main(["drain", "decode-7"]) == 2

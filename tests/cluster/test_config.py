@@ -72,3 +72,12 @@ def test_colocated_only_pool():
     assert c.pools.count("colocated") == 2
     with pytest.raises(ValueError, match="at least one worker"):
         load_config(overrides={"pools.prefill": 0, "pools.decode": 0})
+
+
+def test_example_config_loads():
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "deploy" / "baton.example.yaml"
+    cfg = load_config(path)
+    assert cfg == ClusterConfig()                 # the example spells out the defaults
+    assert cfg.router.options["local_prefill_threshold"] == 256
