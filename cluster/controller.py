@@ -248,7 +248,8 @@ class Controller:
         cls = self._factory(role)
         slot.actor = cls.options(**options).remote(self._spec(slot.state.worker_id, role))
         slot.ready_task = asyncio.get_running_loop().create_task(self._await_ready(slot))
-        self._event(f"start {slot.state.worker_id}" + (f" (restart {slot.state.restarts})" if slot.state.restarts else ""))
+        restart = f" (restart {slot.state.restarts})" if slot.state.restarts else ""
+        self._event(f"start {slot.state.worker_id}{restart}")
         return slot
 
     async def _await_ready(self, slot: _Slot) -> None:

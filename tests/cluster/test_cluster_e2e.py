@@ -124,7 +124,9 @@ def _hits(cluster) -> float:
 
 def test_redis_outage_keeps_serving_and_prefix_routing_resumes(cluster, client, module_redis):
     model = client.models.list().data[0].id
-    ask = lambda prompt: client.completions.create(model=model, prompt=prompt, max_tokens=4, temperature=0)
+
+    def ask(prompt):
+        return client.completions.create(model=model, prompt=prompt, max_tokens=4, temperature=0)
 
     before_prompt = LONG * 2 + "Before the outage."
     ask(before_prompt)
