@@ -8,7 +8,8 @@ Lifecycle of one transfer (either side):
 The receiver is the active side (the decode worker pulls): ``start(handle,
 start_block)`` launches an asyncio task in the running loop; ``poll()`` reads
 the state without blocking; ``await wait()`` waits for DONE/FAILED;
-``result()`` hands over the ``[L, 2, n, bs, KH, D]`` tensor once DONE. A
+``result()`` hands over the ``[L, 2, n, bs, KH, D]`` tensor once DONE (full
+heads: a TP=k holder's head shards are merged by ``kvtransfer.relayout``). A
 receiver never touches an engine: the caller imports the result, so a failed
 transfer can never leave half-written blocks behind.
 
@@ -67,6 +68,8 @@ class TransferStats:
     num_chunks: int = 0
     num_blocks: int = 0
     seconds: float = 0.0
+    transport: str = ""           # the transport that moved the bytes (after any fallback)
+    fallback_reason: str = ""     # why a requested transport fell back to another ("" = it did not)
 
     @property
     def gbps(self) -> float:
@@ -168,7 +171,8 @@ class KVReceiver(_Transfer):
             if self.stats.num_blocks == 0:
                 data = torch.empty(self.local_layout.export_shape(0), dtype=getattr(torch, self.local_layout.dtype))
             else:
-                data = await self._run()
+                from kvtransfer.relayout import to_local
+                data = to_local(await self._run(), self.handle.layout, self.stats.num_blocks)
         except asyncio.CancelledError:
             self._finish("aborted")
             raise
@@ -181,7 +185,8 @@ class KVReceiver(_Transfer):
 
     @abstractmethod
     async def _run(self) -> torch.Tensor:
-        """Pull the blocks; raise on any failure. Update ``self.stats`` as bytes arrive."""
+        """Pull the blocks in the holder's wire shape (``handle.layout.wire_shape``);
+        raise on any failure. Update ``self.stats`` as bytes arrive."""
 
     def result(self) -> torch.Tensor:
         if self.state is not TransferState.DONE or self._result is None:

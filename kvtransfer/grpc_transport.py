@@ -135,8 +135,9 @@ class ChannelPool:
 
 class GrpcKVReceiver(KVReceiver):
     def __init__(self, local_layout: KVLayout, *, channels: ChannelPool | None = None,
-                 max_chunk_bytes: int = 0, timeout_s: float | None = 120.0):
+                 max_chunk_bytes: int = 0, timeout_s: float | None = 120.0, **_other_transports_options):
         super().__init__(local_layout)
+        self.stats.transport = "grpc"
         self.channels = channels
         self.max_chunk_bytes = max_chunk_bytes
         self.timeout_s = timeout_s
@@ -177,11 +178,11 @@ class GrpcKVReceiver(KVReceiver):
         except KVLayoutError as e:
             raise KVTransferError(f"sender sent a bad layout: {e}") from None
         self.local_layout.check_compatible(remote)
-        expected_shape = self.local_layout.export_shape(self.stats.num_blocks)
+        expected_shape = self.handle.layout.wire_shape(self.stats.num_blocks)
         if h.num_blocks != self.stats.num_blocks or tuple(h.shape) != expected_shape:
             raise KVTransferError(f"sender offers {h.num_blocks} blocks of shape {tuple(h.shape)}, "
                                         f"expected {self.stats.num_blocks} of shape {expected_shape}")
-        return codec.ChunkAssembler(self.local_layout, expected_shape, h.total_bytes, h.num_chunks)
+        return codec.ChunkAssembler(remote, expected_shape, h.total_bytes, h.num_chunks)
 
 
 def add_servicer(server: grpc.aio.Server, source: KVSource, **options) -> KVTransferServicer:

@@ -23,6 +23,8 @@ class KVHandle:
     # Extensions beyond docs/contracts.md (defaults keep the contract's constructor):
     prompt_token_ids: list[int] = field(default_factory=list)   # the decode side needs the prompt
     first_logprob: float | None = None
+    transport_address: str = ""  # where ``transport`` meets the holder when not source_address
+                                 # (nccl: host:port of the holder's rendezvous TCPStore)
 
     @property
     def num_blocks(self) -> int:

@@ -2,8 +2,15 @@
 
 Torch-free (the router imports it). Blocks can move between two caches only if
 their layouts are compatible: same dtype, block size, layer count, head dim and
-KV-head sharding. A re-layout (e.g. prefill TP=2 → decode TP=1, sending head
-shards) is not defined yet, so a TP mismatch is refused with a clear error.
+KV-head sharding — or the one re-layout defined: a holder of tensor-parallel
+size k > 1 (each rank ``num_kv_heads`` heads) into a TP=1 cache holding all
+``k * num_kv_heads`` heads.
+
+Wire shape: a holder sends its whole TP group's blocks at once. At TP=1 that
+is the export ``[L, 2, n, bs, KH, D]``; at TP=k it is every rank's head shard
+stacked in rank order, ``[k, L, 2, n, bs, KH/k, D]`` (what a TP engine's
+``export_kv`` returns). ``kvtransfer.relayout.to_local`` turns the latter into
+the receiver's full-head export shape.
 """
 
 from __future__ import annotations
@@ -55,16 +62,34 @@ class KVLayout:
         """Shape of ``KVCache.export_blocks`` for ``num_blocks`` blocks."""
         return (self.num_layers, 2, num_blocks, self.block_size, self.num_kv_heads, self.head_dim)
 
+    def wire_shape(self, num_blocks: int) -> tuple[int, ...]:
+        """Shape of what a holder of this layout sends for ``num_blocks`` blocks."""
+        shape = self.export_shape(num_blocks)
+        return (self.tp_size, *shape) if self.tp_size > 1 else shape
+
+    def merges_shards_of(self, other: "KVLayout") -> bool:
+        """True when ``other`` is a TP>1 holder whose head shards, side by side,
+        make up this TP=1 layout's heads (the one defined re-layout)."""
+        return (self.tp_size == 1 and other.tp_size > 1
+                and self.num_kv_heads == other.num_kv_heads * other.tp_size)
+
     def check_compatible(self, other: "KVLayout") -> None:
-        """Raise ``KVLayoutError`` naming every mismatch unless blocks of ``other``
-        can be imported as is into a cache of this layout."""
+        """Raise ``KVLayoutError`` naming every mismatch unless blocks of the remote
+        holder ``other`` can be imported into a cache of this layout (as is, or
+        through the TP=k → TP=1 head-shard merge)."""
         diffs = [f"{name} {getattr(self, name)!r} != {getattr(other, name)!r}"
-                 for name in ("dtype", "block_size", "num_layers", "head_dim", "num_kv_heads")
+                 for name in ("dtype", "block_size", "num_layers", "head_dim")
                  if getattr(self, name) != getattr(other, name)]
-        if self.tp_size != other.tp_size:
-            diffs.append(f"tp_size {self.tp_size} != {other.tp_size} (re-layout across "
-                         f"tensor-parallel sizes is not supported yet)")
-        elif self.tp_rank != other.tp_rank:
-            diffs.append(f"tp_rank {self.tp_rank} != {other.tp_rank} (different head shards)")
+        if self.merges_shards_of(other):
+            pass
+        elif self.tp_size != other.tp_size:
+            diffs.append(f"tp_size {self.tp_size} != {other.tp_size} with {self.num_kv_heads} vs "
+                         f"{other.num_kv_heads} KV heads per rank (tensor-parallel re-layout is defined "
+                         f"only from TP=k into TP=1 holding all k*{other.num_kv_heads} heads)")
+        else:
+            if self.num_kv_heads != other.num_kv_heads:
+                diffs.append(f"num_kv_heads {self.num_kv_heads!r} != {other.num_kv_heads!r}")
+            if self.tp_rank != other.tp_rank and self.tp_size == 1:
+                diffs.append(f"tp_rank {self.tp_rank} != {other.tp_rank} (different head shards)")
         if diffs:
             raise KVLayoutError("incompatible KV layouts (local vs remote): " + "; ".join(diffs))

@@ -48,7 +48,7 @@ class LocalKVReceiver(KVReceiver):
         except asyncio.CancelledError:
             sender.abort()
             raise
-        expected = self.local_layout.export_shape(self.stats.num_blocks)
+        expected = self.handle.layout.wire_shape(self.stats.num_blocks)
         if tuple(data.shape) != expected:
             raise KVTransferError(f"local export has shape {tuple(data.shape)}, expected {expected}")
         self.stats.num_bytes, self.stats.num_chunks = sender.stats.num_bytes, 1

@@ -5,9 +5,11 @@ the pulling side, and ``serve(source, ctx)`` which makes a holder's blocks
 reachable through it (returns an undo callable). Workers serve every
 registered transport and pull with the one the handle names.
 
-Built-ins load on first use: ``local`` (same process), ``grpc`` (any host).
-``nccl`` has its seat: a module ``kvtransfer.nccl`` that calls
-``register_transport`` at import is picked up here without other changes.
+Built-ins load on first use: ``local`` (same process), ``grpc`` (any host),
+``nccl`` (GPU to GPU through torch.distributed pair groups, falling back to
+``grpc`` where there is no NCCL path). A transport that needs its own
+rendezvous advertises it in ``ServeContext.advertised[name]``; holders copy
+it into ``KVHandle.transport_address``.
 """
 
 from __future__ import annotations
@@ -25,10 +27,13 @@ _TRANSPORTS: dict[str, "Transport"] = {}
 
 @dataclass
 class ServeContext:
-    """What a transport may attach to on the holder's side."""
+    """What a transport may attach to on the holder's side, and what it advertises back."""
     address: str                     # host:port the holder advertises
     grpc_server: Any = None          # grpc.aio.Server, before start()
     options: dict = field(default_factory=dict)
+    # filled by ``serve``: transport name → the address to put in the holder's handles
+    # as ``KVHandle.transport_address`` (nccl: its rendezvous store)
+    advertised: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,11 @@ class CacheKVSource:
         return self.held.pop(request_id, None) is not None
 
     async def export(self, handle: KVHandle, start_block: int) -> torch.Tensor:
+        return self.export_sync(handle, start_block)
+
+    def export_sync(self, handle: KVHandle, start_block: int) -> torch.Tensor:
+        """Same as ``export``, callable from any thread (the nccl holder's pair
+        threads use it, skipping an event-loop hop)."""
         block_ids = self.held.get(handle.request_id)
         if block_ids is None:
             raise KVNotFound(f"no KV held for request {handle.request_id!r}")

@@ -25,7 +25,7 @@ def handle_to_pb(h: KVHandle) -> pb.KVHandle:
                       source_address=h.source_address, block_ids=h.block_ids,
                       num_tokens=h.num_tokens, first_token=h.first_token,
                       layout=layout_to_pb(h.layout), transport=h.transport,
-                      prompt_token_ids=h.prompt_token_ids)
+                      prompt_token_ids=h.prompt_token_ids, transport_address=h.transport_address)
     if h.first_logprob is not None:
         msg.first_logprob = h.first_logprob
     return msg
@@ -39,4 +39,5 @@ def handle_from_pb(msg: pb.KVHandle) -> KVHandle:
                     num_tokens=msg.num_tokens, first_token=msg.first_token,
                     layout=layout_from_pb(msg.layout), transport=msg.transport or "grpc",
                     prompt_token_ids=list(msg.prompt_token_ids),
-                    first_logprob=msg.first_logprob if msg.HasField("first_logprob") else None)
+                    first_logprob=msg.first_logprob if msg.HasField("first_logprob") else None,
+                    transport_address=msg.transport_address)

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x11kv_transfer.proto\x12\x08\x62\x61ton.kv\"\x8b\x01\n\x08KVLayout\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\x12\n\nblock_size\x18\x02 \x01(\r\x12\x12\n\nnum_layers\x18\x03 \x01(\r\x12\x14\n\x0cnum_kv_heads\x18\x04 \x01(\r\x12\x10\n\x08head_dim\x18\x05 \x01(\r\x12\x0f\n\x07tp_rank\x18\x06 \x01(\r\x12\x0f\n\x07tp_size\x18\x07 \x01(\r\"\x88\x02\n\x08KVHandle\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x15\n\rsource_worker\x18\x02 \x01(\t\x12\x16\n\x0esource_address\x18\x03 \x01(\t\x12\x11\n\tblock_ids\x18\x04 \x03(\r\x12\x12\n\nnum_tokens\x18\x05 \x01(\r\x12\x13\n\x0b\x66irst_token\x18\x06 \x01(\r\x12\x1a\n\rfirst_logprob\x18\x07 \x01(\x02H\x00\x88\x01\x01\x12\"\n\x06layout\x18\x08 \x01(\x0b\x32\x12.baton.kv.KVLayout\x12\x11\n\ttransport\x18\t \x01(\t\x12\x18\n\x10prompt_token_ids\x18\n \x03(\rB\x10\n\x0e_first_logprob\"a\n\rPullKVRequest\x12\"\n\x06handle\x18\x01 \x01(\x0b\x32\x12.baton.kv.KVHandle\x12\x13\n\x0bstart_block\x18\x02 \x01(\r\x12\x17\n\x0fmax_chunk_bytes\x18\x03 \x01(\r\"\x82\x01\n\x10KVTransferHeader\x12\"\n\x06layout\x18\x01 \x01(\x0b\x32\x12.baton.kv.KVLayout\x12\x12\n\nnum_blocks\x18\x02 \x01(\r\x12\r\n\x05shape\x18\x03 \x03(\r\x12\x13\n\x0btotal_bytes\x18\x04 \x01(\x04\x12\x12\n\nnum_chunks\x18\x05 \x01(\r\"t\n\x07KVChunk\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x10\n\x08\x63hecksum\x18\x04 \x01(\x04\x12*\n\x06header\x18\x05 \x01(\x0b\x32\x1a.baton.kv.KVTransferHeader2D\n\nKVTransfer\x12\x36\n\x06PullKV\x12\x17.baton.kv.PullKVRequest\x1a\x11.baton.kv.KVChunk0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x11kv_transfer.proto\x12\x08\x62\x61ton.kv\"\x8b\x01\n\x08KVLayout\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\x12\n\nblock_size\x18\x02 \x01(\r\x12\x12\n\nnum_layers\x18\x03 \x01(\r\x12\x14\n\x0cnum_kv_heads\x18\x04 \x01(\r\x12\x10\n\x08head_dim\x18\x05 \x01(\r\x12\x0f\n\x07tp_rank\x18\x06 \x01(\r\x12\x0f\n\x07tp_size\x18\x07 \x01(\r\"\xa3\x02\n\x08KVHandle\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x15\n\rsource_worker\x18\x02 \x01(\t\x12\x16\n\x0esource_address\x18\x03 \x01(\t\x12\x11\n\tblock_ids\x18\x04 \x03(\r\x12\x12\n\nnum_tokens\x18\x05 \x01(\r\x12\x13\n\x0b\x66irst_token\x18\x06 \x01(\r\x12\x1a\n\rfirst_logprob\x18\x07 \x01(\x02H\x00\x88\x01\x01\x12\"\n\x06layout\x18\x08 \x01(\x0b\x32\x12.baton.kv.KVLayout\x12\x11\n\ttransport\x18\t \x01(\t\x12\x18\n\x10prompt_token_ids\x18\n \x03(\r\x12\x19\n\x11transport_address\x18\x0b \x01(\tB\x10\n\x0e_first_logprob\"a\n\rPullKVRequest\x12\"\n\x06handle\x18\x01 \x01(\x0b\x32\x12.baton.kv.KVHandle\x12\x13\n\x0bstart_block\x18\x02 \x01(\r\x12\x17\n\x0fmax_chunk_bytes\x18\x03 \x01(\r\"\x82\x01\n\x10KVTransferHeader\x12\"\n\x06layout\x18\x01 \x01(\x0b\x32\x12.baton.kv.KVLayout\x12\x12\n\nnum_blocks\x18\x02 \x01(\r\x12\r\n\x05shape\x18\x03 \x03(\r\x12\x13\n\x0btotal_bytes\x18\x04 \x01(\x04\x12\x12\n\nnum_chunks\x18\x05 \x01(\r\"t\n\x07KVChunk\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x10\n\x08\x63hecksum\x18\x04 \x01(\x04\x12*\n\x06header\x18\x05 \x01(\x0b\x32\x1a.baton.kv.KVTransferHeader2D\n\nKVTransfer\x12\x36\n\x06PullKV\x12\x17.baton.kv.PullKVRequest\x1a\x11.baton.kv.KVChunk0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,13 +34,13 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_KVLAYOUT']._serialized_start=32
   _globals['_KVLAYOUT']._serialized_end=171
   _globals['_KVHANDLE']._serialized_start=174
-  _globals['_KVHANDLE']._serialized_end=438
-  _globals['_PULLKVREQUEST']._serialized_start=440
-  _globals['_PULLKVREQUEST']._serialized_end=537
-  _globals['_KVTRANSFERHEADER']._serialized_start=540
-  _globals['_KVTRANSFERHEADER']._serialized_end=670
-  _globals['_KVCHUNK']._serialized_start=672
-  _globals['_KVCHUNK']._serialized_end=788
-  _globals['_KVTRANSFER']._serialized_start=790
-  _globals['_KVTRANSFER']._serialized_end=858
+  _globals['_KVHANDLE']._serialized_end=465
+  _globals['_PULLKVREQUEST']._serialized_start=467
+  _globals['_PULLKVREQUEST']._serialized_end=564
+  _globals['_KVTRANSFERHEADER']._serialized_start=567
+  _globals['_KVTRANSFERHEADER']._serialized_end=697
+  _globals['_KVCHUNK']._serialized_start=699
+  _globals['_KVCHUNK']._serialized_end=815
+  _globals['_KVTRANSFER']._serialized_start=817
+  _globals['_KVTRANSFER']._serialized_end=885
 # @@protoc_insertion_point(module_scope)

@@ -23,9 +23,28 @@ def test_compatible_layouts_pass_and_mismatches_are_named():
         a.check_compatible(KVLayout("float32", 32, 2, 4, 128))
     with pytest.raises(KVLayoutError, match="dtype 'float32' != 'bfloat16'"):
         a.check_compatible(KVLayout("bfloat16", 16, 2, 4, 64))
-    with pytest.raises(KVLayoutError, match="tensor-parallel"):
-        a.check_compatible(KVLayout("float32", 16, 2, 2, 64, tp_rank=1, tp_size=2))
+    with pytest.raises(KVLayoutError, match="tensor-parallel"):      # shards don't add up to 4 heads
+        a.check_compatible(KVLayout("float32", 16, 2, 1, 64, tp_size=2))
+    with pytest.raises(KVLayoutError, match="tensor-parallel"):      # TP=1 into TP=2: not defined
+        KVLayout("float32", 16, 2, 2, 64, tp_size=2).check_compatible(a)
+    with pytest.raises(KVLayoutError, match="num_kv_heads 4 != 2"):
+        a.check_compatible(KVLayout("float32", 16, 2, 2, 64))
     assert issubclass(KVLayoutError, ValueError)
+
+
+def test_tp_holder_shards_merge_into_a_tp1_cache():
+    full = KVLayout("bfloat16", 16, 2, 4, 64)
+    tp2 = KVLayout("bfloat16", 16, 2, 2, 64, tp_rank=0, tp_size=2)
+    full.check_compatible(tp2)
+    assert full.merges_shards_of(tp2) and not tp2.merges_shards_of(full)
+    assert tp2.wire_shape(3) == (2, 2, 2, 3, 16, 2, 64) and full.wire_shape(3) == full.export_shape(3)
+    # rank r's shard holds heads [2r, 2r+2): the merge puts them side by side
+    from kvtransfer.relayout import to_local
+    heads = torch.arange(4.0).view(1, 1, 1, 1, 4, 1).expand(2, 2, 3, 16, 4, 64)
+    shards = torch.stack([heads[..., 0:2, :], heads[..., 2:4, :]])
+    assert torch.equal(to_local(shards, tp2, 3), heads)
+    with pytest.raises(KVLayoutError, match="wire shape"):
+        to_local(heads, tp2, 3)
 
 
 def test_malformed_layout_is_refused():

@@ -191,8 +191,8 @@ async def test_bad_input_is_invalid_argument_and_roles_are_enforced(pair):
     from dataclasses import replace
     with pytest.raises(ValueError, match="block_size"):
         await collect(dc.decode(replace(handle, layout=replace(handle.layout, block_size=8)), GREEDY))
-    with pytest.raises(ValueError, match="'nccl' is not implemented yet"):
-        await collect(dc.decode(replace(handle, transport="nccl"), GREEDY))
+    with pytest.raises(ValueError, match="unknown KV transport 'pigeon'"):
+        await collect(dc.decode(replace(handle, transport="pigeon"), GREEDY))
     assert await pc.release("lay")
     assert not await pc.release("lay")
     await assert_no_blocks_in_use(prefill, decode)

@@ -1,0 +1,69 @@
+"""A second process holding KV for the nccl-transport tests (gloo on CPU).
+
+``holder_main(commands, replies)`` obeys tuples from ``commands``:
+``("start", name, dtype, tp_size)`` builds a seeded cache (see ``make_full_cache``;
+at tp_size 2 the source exports both head shards, stacked, as a TP=2 prefill
+worker does), holds request "r1" = blocks [5, 2, 11, 7] and serves it through a
+``PairHost`` → replies its store address; ``("num_pairs", name)`` → int;
+``("close", name)`` → True; ``("exit",)`` ends the process.
+"""
+
+import torch
+
+from engine.kv_cache import KVCache, KVCacheSpec
+from kvtransfer.layout import KVLayout
+from kvtransfer.sources import CacheKVSource
+
+HELD_BLOCKS = [5, 2, 11, 7]
+
+
+def make_full_cache(dtype: torch.dtype, num_kv_heads: int = 2) -> KVCache:
+    spec = KVCacheSpec(num_layers=2, num_kv_heads=num_kv_heads, head_dim=16, block_size=4, dtype=dtype)
+    cache = KVCache(spec, 16, torch.device("cpu"))
+    cache.tensor.copy_(torch.randn(cache.tensor.shape, generator=torch.Generator().manual_seed(7)))
+    return cache
+
+
+class ShardedSource:
+    """Two rank caches holding the head halves of one full cache (a TP=2 holder)."""
+
+    def __init__(self, full: KVCache):
+        half = full.spec.num_kv_heads // 2
+        spec = KVCacheSpec(full.spec.num_layers, half, full.spec.head_dim, full.spec.block_size, full.spec.dtype)
+        self.shards = []
+        for r in range(2):
+            c = KVCache(spec, full.num_blocks, torch.device("cpu"))
+            c.tensor.copy_(full.tensor[..., r * half:(r + 1) * half, :])
+            self.shards.append(CacheKVSource(c, r, 2))
+        self.layout = KVLayout.from_spec(spec, 0, 2)
+
+    def hold(self, rid, block_ids):
+        for s in self.shards:
+            s.hold(rid, block_ids)
+
+    def export_sync(self, handle, start_block):
+        return torch.stack([s.export_sync(handle, start_block) for s in self.shards])
+
+
+def holder_main(commands, replies) -> None:
+    from kvtransfer.nccl_pairs import PairHost
+
+    hosts = {}
+    while True:
+        cmd = commands.get()
+        if cmd[0] == "exit":
+            for h in hosts.values():
+                h.close()
+            return
+        if cmd[0] == "start":
+            _, name, dtype, tp_size = cmd
+            full = make_full_cache(dtype)
+            source = ShardedSource(full) if tp_size == 2 else CacheKVSource(full)
+            source.hold("r1", HELD_BLOCKS)
+            hosts[name] = PairHost(source.export_sync, torch.device("cpu"))
+            replies.put(hosts[name].store_address)
+        elif cmd[0] == "num_pairs":
+            replies.put(hosts[cmd[1]].num_pairs)
+        elif cmd[0] == "close":
+            hosts.pop(cmd[1]).close()
+            replies.put(True)
