@@ -123,7 +123,9 @@ def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
 
 # --------------------------------------------------------------------------- decode
 
-@triton.jit
+# per-step values (batch width, split count) are not specialized on: a new
+# divisibility class would otherwise recompile the kernel mid-serving
+@triton.jit(do_not_specialize=["num_splits", "stride_bt"])
 def _decode_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, seq_lens_ptr, qsl_ptr,
                    out_ptr, part_o_ptr, part_lse_ptr,
                    qk_scale, num_splits,
@@ -195,7 +197,7 @@ def _decode_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, seq_lens_ptr, qsl_ptr,
             tl.store(part_lse_ptr + part, lse, mask=hmask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits"])
 def _decode_merge_kernel(part_o_ptr, part_lse_ptr, out_ptr, qsl_ptr,
                          num_splits, stride_ot, stride_oh,
                          HEAD_DIM: tl.constexpr, D_P: tl.constexpr,
@@ -304,7 +306,7 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
 
 # --------------------------------------------------------------------------- prefill / extend
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_reqs", "stride_bt"])
 def _prefill_kernel(q_ptr, kc_ptr, vc_ptr, out_ptr, bt_ptr, seq_lens_ptr, qsl_ptr,
                     qk_scale, num_reqs,
                     stride_qt, stride_qh, stride_ot, stride_oh,
