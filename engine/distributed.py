@@ -59,14 +59,22 @@ def make_store(address: str, rank: int, size: int, timeout: datetime.timedelta =
     return TCPStore(host, int(port), size, rank == 0, timeout=timeout, wait_for_workers=False)
 
 
-def make_backend(store, rank: int, size: int, device: torch.device, timeout: datetime.timedelta = _TIMEOUT):
-    """A c10d backend (NCCL for CUDA, gloo otherwise) on ``store``, no default group involved."""
+def make_backend(store, rank: int, size: int, device: torch.device, timeout: datetime.timedelta = _TIMEOUT,
+                 name: str = "baton"):
+    """A c10d backend (NCCL for CUDA, gloo otherwise) on ``store``, no default group involved.
+
+    NCCL note: its watchdog ends the process when an operation outlives
+    ``timeout`` (PyTorch's default error handling), so callers shut a backend
+    down when they know its peer is gone rather than letting work hang."""
     from torch.distributed import ProcessGroupGloo
     if device.type == "cuda":
         from torch.distributed import ProcessGroupNCCL
         torch.cuda.set_device(device)
         opts = ProcessGroupNCCL.Options()
+        opts.is_high_priority_stream = False
         opts._timeout = timeout
+        opts.global_ranks_in_group = list(range(size))
+        opts.group_name = name
         return ProcessGroupNCCL(store, rank, size, opts)
     return ProcessGroupGloo(store, rank, size, timeout)
 
@@ -100,7 +108,7 @@ class TPGroup:
         dev = torch.device(device)
         host = address.rpartition(":")[0]
         control = ProcessGroupGloo(PrefixStore("tp/control/", store), rank, size, _TIMEOUT)
-        device_pg = make_backend(PrefixStore("tp/device/", store), rank, size, dev)
+        device_pg = make_backend(PrefixStore("tp/device/", store), rank, size, dev, name=f"tp@{address}")
         return cls(rank, size, dev, f"{host}:{store.port}", device_pg, control, store)
 
     @property

@@ -72,6 +72,7 @@ class NcclKVReceiver(KVReceiver):
         self.allow_gloo = allow_gloo
         self.grpc_options = grpc_options
         self.stats.transport = "nccl"
+        self.wire_seconds = 0.0     # request sent → bytes landed, on the pair's thread (no event-loop hops)
 
     def _no_path(self, endpoint: PairClient) -> str | None:
         if not self.handle.transport_address:
@@ -96,6 +97,7 @@ class NcclKVReceiver(KVReceiver):
                                      remote.wire_shape(self.stats.num_blocks), getattr(torch, remote.dtype))
         self.stats.num_bytes = result.data.numel() * result.data.element_size()
         self.stats.num_chunks = 1
+        self.wire_seconds = result.seconds
         return result.data
 
     async def _fallback(self, reason: str) -> torch.Tensor:

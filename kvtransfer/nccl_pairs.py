@@ -120,7 +120,7 @@ class _Channel:
             torch.cuda.set_device(device)
             self.stream = torch.cuda.Stream(device)
         self.pg = make_backend(PrefixStore(f"pair/{pair_id}/", store), rank, 2, device,
-                               datetime.timedelta(seconds=timeout_s))
+                               datetime.timedelta(seconds=timeout_s), name=f"kv-pair-{pair_id}")
 
     def post(self, op: str, buf: torch.Tensor):
         """Post a send or recv of ``buf``; returns the Work (call ``finish`` on it)."""
@@ -142,10 +142,12 @@ class _Channel:
         one = torch.zeros(1, device=self.device)
         self.finish(self.post("send" if rank == 0 else "recv", one))
 
-    def close(self) -> None:
+    def close(self, abort: bool = False) -> None:
+        """Shut the backend down; ``abort`` when work may be pending (the peer vanished
+        mid-transfer): a graceful shutdown could wait for it forever."""
         try:
-            self.pg.shutdown()
-        except Exception:    # backend without shutdown, or already aborted
+            self.pg.abort() if abort else self.pg.shutdown()
+        except Exception:    # backend without shutdown/abort, or already aborted
             pass
 
 
@@ -317,7 +319,7 @@ class ClientPair:
             reply = recv_msg(self.sock)
             self.channel.finish(work)
         except Exception as e:
-            self.close()
+            self.close(abort=True)
             raise KVTransferError(f"pair with {self.store_address} broke during a pull: {e}") from None
         seconds = time.perf_counter() - t0
         if reply[0] != "ok":
@@ -325,7 +327,7 @@ class ClientPair:
             raise _ERRORS.get(kind, KVTransferError)(message)
         return PullResult(buf.view(dtype).view(shape), seconds)
 
-    def close(self) -> None:
+    def close(self, abort: bool = False) -> None:
         if self.broken:
             return
         self.broken = True
@@ -336,7 +338,7 @@ class ClientPair:
                 pass
             self.sock.close()
         if self.channel is not None:
-            self.channel.close()
+            self.channel.close(abort)
             self.channel = None
 
 
@@ -349,31 +351,34 @@ class PairClient:
         self.name = name or f"{socket.gethostname()}:{id(self):x}"
         self.cross_host, self.timeout_s = cross_host, timeout_s
         self.pairs: dict[str, ClientPair] = {}
-        self._opening: dict[str, "object"] = {}
+        self._opening: dict[str, tuple] = {}      # store address → (pair, its build future)
 
     async def pair_for(self, store_address: str) -> ClientPair:
-        """The open pair with that holder, building it on first use (raises NoPath)."""
+        """The open pair with that holder, building it on first use (raises NoPath).
+        Concurrent callers for one holder share one build."""
         import asyncio
         pair = self.pairs.get(store_address)
         if pair is not None and not pair.broken:
             return pair
-        pending = self._opening.get(store_address)
-        if pending is None:
+        opening = self._opening.get(store_address)
+        if opening is None:
             pair = ClientPair(self.name, store_address, self.device, self.timeout_s)
-            loop = asyncio.get_running_loop()
-            pending = self._opening[store_address] = loop.run_in_executor(pair.executor, pair.open, self.cross_host)
-            pending.pair = pair
+            built = asyncio.get_running_loop().run_in_executor(pair.executor, pair.open, self.cross_host)
+            opening = self._opening[store_address] = (pair, built)
+        pair, built = opening
         try:
-            await asyncio.shield(pending)
+            await asyncio.shield(built)
+        except asyncio.CancelledError:
+            raise                          # the build goes on; a later caller picks the pair up
         except BaseException:
-            if self._opening.get(store_address) is pending:
+            if self._opening.get(store_address) is opening:
                 del self._opening[store_address]
-                pending.pair.executor.shutdown(wait=False)
+                pair.executor.shutdown(wait=False)
             raise
-        if self._opening.get(store_address) is pending:
+        if self._opening.get(store_address) is opening:
             del self._opening[store_address]
-            self.pairs[store_address] = pending.pair
-        return pending.pair
+            self.pairs[store_address] = pair
+        return pair
 
     async def pull(self, pair: ClientPair, handle: KVHandle, start_block: int, shape, dtype) -> PullResult:
         import asyncio

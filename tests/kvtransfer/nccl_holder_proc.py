@@ -1,7 +1,7 @@
 """A second process holding KV for the nccl-transport tests (gloo on CPU).
 
 ``holder_main(commands, replies)`` obeys tuples from ``commands``:
-``("start", name, dtype, tp_size)`` builds a seeded cache (see ``make_full_cache``;
+``("start", name, dtype, tp_size[, device])`` builds a seeded cache (``make_full_cache``;
 at tp_size 2 the source exports both head shards, stacked, as a TP=2 prefill
 worker does), holds request "r1" = blocks [5, 2, 11, 7] and serves it through a
 ``PairHost`` → replies its store address; ``("num_pairs", name)`` → int;
@@ -17,9 +17,10 @@ from kvtransfer.sources import CacheKVSource
 HELD_BLOCKS = [5, 2, 11, 7]
 
 
-def make_full_cache(dtype: torch.dtype, num_kv_heads: int = 2) -> KVCache:
+def make_full_cache(dtype: torch.dtype, device: str = "cpu", num_kv_heads: int = 2) -> KVCache:
+    """The same bits on every device: drawn on the CPU from a fixed seed, then copied."""
     spec = KVCacheSpec(num_layers=2, num_kv_heads=num_kv_heads, head_dim=16, block_size=4, dtype=dtype)
-    cache = KVCache(spec, 16, torch.device("cpu"))
+    cache = KVCache(spec, 16, torch.device(device))
     cache.tensor.copy_(torch.randn(cache.tensor.shape, generator=torch.Generator().manual_seed(7)))
     return cache
 
@@ -32,7 +33,7 @@ class ShardedSource:
         spec = KVCacheSpec(full.spec.num_layers, half, full.spec.head_dim, full.spec.block_size, full.spec.dtype)
         self.shards = []
         for r in range(2):
-            c = KVCache(spec, full.num_blocks, torch.device("cpu"))
+            c = KVCache(spec, full.num_blocks, full.device)
             c.tensor.copy_(full.tensor[..., r * half:(r + 1) * half, :])
             self.shards.append(CacheKVSource(c, r, 2))
         self.layout = KVLayout.from_spec(spec, 0, 2)
@@ -56,11 +57,14 @@ def holder_main(commands, replies) -> None:
                 h.close()
             return
         if cmd[0] == "start":
-            _, name, dtype, tp_size = cmd
-            full = make_full_cache(dtype)
+            _, name, dtype, tp_size, *rest = cmd
+            device = torch.device(rest[0] if rest else "cpu")
+            if device.type == "cuda":
+                torch.cuda.set_device(device)
+            full = make_full_cache(dtype, device)
             source = ShardedSource(full) if tp_size == 2 else CacheKVSource(full)
             source.hold("r1", HELD_BLOCKS)
-            hosts[name] = PairHost(source.export_sync, torch.device("cpu"))
+            hosts[name] = PairHost(source.export_sync, device)
             replies.put(hosts[name].store_address)
         elif cmd[0] == "num_pairs":
             replies.put(hosts[cmd[1]].num_pairs)

@@ -1,0 +1,235 @@
+"""KV transfer microbenchmark: the ``nccl`` transport vs raw NCCL send/recv, GPU0 → GPU1.
+
+    python benchmarks/kv_transfer.py --out benchmarks/results/kv_transfer_h200x2.json
+    python benchmarks/kv_transfer.py --cpu-smoke          # gloo on CPU, tiny sizes: checks the script
+
+A holder process on cuda:0 holds requests of 1 MB … 1 GB of ``dummy:llama3-8b``
+KV (128 KiB per token, bf16, blocks of 8 tokens = 1 MiB, scattered block ids)
+in a ``KVCache`` and serves them through a ``PairHost``; this process pulls them
+on cuda:1 with ``NcclKVReceiver`` (pair built on the first pull, outside the
+timings), in the same run as a raw baseline on a second pair group.
+
+Per size (median of ``--iters`` pulls after warm-ups):
+- ``ours_e2e``: receiver ``start()`` → DONE (``stats.seconds``): asyncio hops,
+  the PULL message, the holder's export (index_select into one buffer), one
+  send/recv, the re-layout check;
+- ``ours_wire``: the same pull seen from the pair thread (PULL sent → bytes
+  landed), i.e. without the event-loop hops;
+- ``raw``: ``--iters`` back-to-back ``send``/``recv`` of a preallocated buffer of
+  the same bytes on its own NCCL pair group (after one warm-up message) — the
+  sustained rate, launch latency overlapped, so a strict baseline.
+Each size's first pull is checked bit-exactly against the holder's checksum.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import multiprocessing as mp
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import environment, write_result  # noqa: E402
+
+MB = 1 << 20
+
+
+def kv_spec(block_size: int, dtype: torch.dtype):
+    from engine.kv_cache import KVCacheSpec
+    from engine.models.llama import ModelConfig
+    from engine.models.presets import get_preset
+    mc = ModelConfig.from_hf_dict(get_preset("llama3-8b"))
+    return KVCacheSpec(mc.num_hidden_layers, mc.num_key_value_heads, mc.head_dim, block_size, dtype)
+
+
+def checksum(t: torch.Tensor) -> int:
+    return int(t.contiguous().view(-1).view(torch.int16).to(torch.int64).sum().item())
+
+
+def raw_group(address: str, rank: int, device: torch.device):
+    from torch.distributed import PrefixStore, TCPStore
+    from engine.distributed import make_backend
+    host, _, port = address.rpartition(":")
+    store = TCPStore(host, int(port), None, False, timeout=datetime.timedelta(seconds=60))
+    return make_backend(PrefixStore("raw/", store), rank, 2, device, datetime.timedelta(seconds=120), "raw")
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ---- holder process ------------------------------------------------------------------
+
+def holder_main(cfg: dict, commands, replies) -> None:
+    from engine.kv_cache import KVCache
+    from kvtransfer.nccl_pairs import PairHost
+    from kvtransfer.sources import CacheKVSource
+
+    dev = torch.device(cfg["holder_device"])
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    spec = kv_spec(cfg["block_size"], cfg["dtype"])
+    cache = KVCache(spec, cfg["num_blocks"], dev)
+    cache.tensor.normal_(generator=torch.Generator(dev).manual_seed(0))
+    source = CacheKVSource(cache)
+    gen = torch.Generator().manual_seed(1)
+    holds = {}
+    for n in cfg["blocks"]:
+        ids = torch.randperm(cfg["num_blocks"], generator=gen)[:n].tolist()
+        source.hold(f"r{n}", ids)
+        holds[n] = (ids, checksum(cache.export_blocks(ids)))
+    host = PairHost(source.export_sync, dev)
+    replies.put((host.store_address, holds))
+    raw = raw_group(cfg["raw_address"], 0, dev)
+    bufs = {}
+    while True:
+        cmd = commands.get()
+        if cmd[0] == "exit":
+            host.close()
+            return
+        _, nbytes, iters = cmd                         # ("raw", nbytes, iters)
+        buf = bufs.setdefault(nbytes, torch.empty(nbytes, dtype=torch.uint8, device=dev))
+        works = [raw.send([buf], 1, 0) for _ in range(iters + 1)]
+        for w in works:
+            w.wait()
+        _sync(dev)
+        replies.put("sent")
+
+
+# ---- receiver (this process) ------------------------------------------------------------
+
+async def measure(cfg, store_address, holds, commands, replies, raw) -> list[dict]:
+    from kvtransfer import KVHandle, KVLayout
+    from kvtransfer.base import TransferState
+    from kvtransfer.nccl import NcclKVReceiver
+    from kvtransfer.nccl_pairs import PairClient
+
+    dev = torch.device(cfg["receiver_device"])
+    spec = kv_spec(cfg["block_size"], cfg["dtype"])
+    layout = KVLayout.from_spec(spec)
+    endpoint = PairClient(dev, "bench-receiver")
+    gloo = dev.type != "cuda"
+    rows = []
+    try:
+        for n in cfg["blocks"]:
+            ids, expected = holds[n]
+            handle = KVHandle(f"r{n}", "holder", "", ids, n * spec.block_size, 0, layout,
+                              transport="nccl", transport_address=store_address)
+            e2e, wire = [], []
+            for i in range(cfg["warmup"] + cfg["iters"]):
+                rx = NcclKVReceiver(layout, nccl_endpoint=endpoint, allow_gloo=gloo)
+                rx.start(handle)
+                if await rx.wait(timeout=120) is not TransferState.DONE:
+                    raise RuntimeError(f"pull of {n} blocks failed: {rx.error}")
+                if i == 0:
+                    got = checksum(rx.result())
+                    if got != expected or rx.stats.transport != "nccl":
+                        raise RuntimeError(f"{n} blocks: checksum {got} != {expected} "
+                                           f"(transport {rx.stats.transport})")
+                if i >= cfg["warmup"]:
+                    e2e.append(rx.stats.seconds)
+                    wire.append(rx.wire_seconds)
+            nbytes = n * spec.bytes_per_block
+            raw_s = raw_transfer(raw, dev, nbytes, cfg["iters"], commands, replies)
+            row = {"mbytes": nbytes / MB, "bytes": nbytes, "blocks": n,
+                   "ours_e2e_ms": statistics.median(e2e) * 1e3, "ours_wire_ms": statistics.median(wire) * 1e3,
+                   "raw_ms": raw_s * 1e3}
+            for k in ("ours_e2e", "ours_wire", "raw"):
+                row[f"{k}_gbps"] = nbytes / (row[f"{k}_ms"] / 1e3) / 1e9
+            row["ratio_e2e"] = row["ours_e2e_gbps"] / row["raw_gbps"]
+            row["ratio_wire"] = row["ours_wire_gbps"] / row["raw_gbps"]
+            rows.append(row)
+            print(f"{row['mbytes']:8.0f} MB  ours e2e {row['ours_e2e_gbps']:7.1f} GB/s  wire "
+                  f"{row['ours_wire_gbps']:7.1f} GB/s  raw {row['raw_gbps']:7.1f} GB/s  "
+                  f"ratio e2e {row['ratio_e2e']:.2f} wire {row['ratio_wire']:.2f}", flush=True)
+    finally:
+        endpoint.close()
+    return rows
+
+
+def raw_transfer(raw, dev, nbytes: int, iters: int, commands, replies) -> float:
+    buf = torch.empty(nbytes, dtype=torch.uint8, device=dev)
+    commands.put(("raw", nbytes, iters))
+    raw.recv([buf], 0, 0).wait()                     # warm-up message: both sides are in step
+    _sync(dev)
+    t0 = time.perf_counter()
+    works = [raw.recv([buf], 0, 0) for _ in range(iters)]
+    for w in works:
+        w.wait()
+    _sync(dev)
+    seconds = (time.perf_counter() - t0) / iters
+    assert replies.get(timeout=120) == "sent"
+    return seconds
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--sizes-mb", default="1,4,16,64,256,1024")
+    ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--cpu-smoke", action="store_true", help="gloo between two CPU processes, small sizes")
+    args = ap.parse_args()
+    from torch.distributed import TCPStore
+
+    smoke = args.cpu_smoke
+    block_size = 8                                  # 8 tokens x 128 KiB = 1 MiB per block
+    sizes = [1, 4] if smoke else [int(s) for s in args.sizes_mb.split(",")]
+    raw_store = TCPStore("127.0.0.1", 0, None, True, wait_for_workers=False)
+    cfg = {"block_size": block_size, "dtype": torch.bfloat16, "blocks": sizes, "num_blocks": max(sizes) + 8,
+           "holder_device": "cpu" if smoke else "cuda:0", "receiver_device": "cpu" if smoke else "cuda:1",
+           "raw_address": f"127.0.0.1:{raw_store.port}", "iters": 3 if smoke else args.iters,
+           "warmup": 1 if smoke else args.warmup}
+    ctx = mp.get_context("spawn")
+    commands, replies = ctx.Queue(), ctx.Queue()
+    proc = ctx.Process(target=holder_main, args=(cfg, commands, replies), daemon=True)
+    proc.start()
+    try:
+        store_address, holds = replies.get(timeout=300)
+        dev = torch.device(cfg["receiver_device"])
+        if dev.type == "cuda":
+            torch.cuda.set_device(dev)
+        raw = raw_group(cfg["raw_address"], 1, dev)
+        rows = asyncio.run(measure(cfg, store_address, holds, commands, replies, raw))
+    finally:
+        commands.put(("exit",))
+        proc.join(30)
+        if proc.is_alive():
+            proc.terminate()
+    env = environment(cfg["receiver_device"])
+    env["commit"] = os.environ.get("BATON_COMMIT") or env.get("commit") or "unknown"
+    if not smoke:
+        env["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+        env["nccl"] = ".".join(map(str, torch.cuda.nccl.version()))
+        env["p2p_access_0_to_1"] = torch.cuda.can_device_access_peer(0, 1)
+    big = [r for r in rows if r["mbytes"] >= 16]
+    payload = {
+        "benchmark": "kv_transfer", "env": env,
+        "config": {"model": "dummy:llama3-8b", "bytes_per_token": kv_spec(block_size, torch.bfloat16).bytes_per_token,
+                   "block_size": block_size, "dtype": "bfloat16", "iters": cfg["iters"], "warmup": cfg["warmup"],
+                   "holder": cfg["holder_device"], "receiver": cfg["receiver_device"]},
+        "results": rows,
+        "goal": {"ratio_at_least": 0.8, "from_mbytes": 16,
+                 "met_e2e": bool(big) and all(r["ratio_e2e"] >= 0.8 for r in big),
+                 "met_wire": bool(big) and all(r["ratio_wire"] >= 0.8 for r in big)},
+    }
+    if args.out:
+        path = Path(args.out)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(__import__("json").dumps(payload, indent=2) + "\n")
+        print(f"wrote {path}")
+    elif not smoke:
+        print(f"wrote {write_result('kv_transfer', payload)}")
+
+
+if __name__ == "__main__":
+    main()
