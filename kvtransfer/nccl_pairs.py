@@ -110,7 +110,8 @@ def _connect(host: str, port: int, timeout: float) -> socket.socket:
 class _Channel:
     """One pair's backend and stream: ``send``/``recv`` of one contiguous tensor."""
 
-    def __init__(self, store, pair_id: int, rank: int, device: torch.device, timeout_s: float):
+    def __init__(self, store, store_address: str, pair_id: int, rank: int, device: torch.device,
+                 timeout_s: float):
         from engine.distributed import make_backend
         from torch.distributed import PrefixStore
 
@@ -120,7 +121,7 @@ class _Channel:
             torch.cuda.set_device(device)
             self.stream = torch.cuda.Stream(device)
         self.pg = make_backend(PrefixStore(f"pair/{pair_id}/", store), rank, 2, device,
-                               datetime.timedelta(seconds=timeout_s), name=f"kv-pair-{pair_id}")
+                               datetime.timedelta(seconds=timeout_s), name=f"kv-pair-{store_address}-{pair_id}")
 
     def post(self, op: str, buf: torch.Tensor):
         """Post a send or recv of ``buf``; returns the Work (call ``finish`` on it)."""
@@ -209,7 +210,8 @@ class _HostPair:
         try:
             _, self.peer = recv_msg(self.sock)                      # ("hello", receiver name)
             send_msg(self.sock, ("pair", self.pair_id))
-            self.channel = _Channel(self.host.store, self.pair_id, 0, self.host.device, self.host.timeout_s)
+            self.channel = _Channel(self.host.store, self.host.store_address, self.pair_id, 0,
+                                    self.host.device, self.host.timeout_s)
             self.channel.warm_up(0)
             with self.host._lock:
                 self.host.pairs[self.pair_id] = self
@@ -302,7 +304,7 @@ class ClientPair:
         self.sock = _connect(host, info["control_port"], 10)
         send_msg(self.sock, ("hello", self.name))
         _, self.pair_id = recv_msg(self.sock)
-        self.channel = _Channel(store, self.pair_id, 1, self.device, self.timeout_s)
+        self.channel = _Channel(store, self.store_address, self.pair_id, 1, self.device, self.timeout_s)
         self.channel.warm_up(1)
 
     def pull(self, handle: KVHandle, start_block: int, shape: tuple[int, ...], dtype: torch.dtype) -> PullResult:
