@@ -7,11 +7,14 @@ weights, prompts and output lengths, in one run.
 
 On GPU each batch runs once untimed first, for both sides (Triton compiles a
 kernel specialization and CUDA graphs are captured on first use; transformers
-warms up cuBLAS), then once timed. Every request generates exactly ``--output-len`` tokens (EOS ignored on both
-sides), so output tokens/s compare like for like. transformers runs each batch
-as one padded ``generate`` call (left padding); ours gets all requests at once
-and schedules them itself. Prompt lengths are mixed (uniform in
-[prompt_len/2, prompt_len]) unless ``--fixed`` is given.
+warms up cuBLAS), then once timed. Every request generates exactly its output
+length (EOS ignored on both sides): ``--output-len`` tokens, or with
+``--mixed-output`` a length uniform in [output_len/4, output_len]. transformers
+runs each batch as one padded ``generate`` call (left padding), which lasts
+until its longest request is done; ours gets all requests at once and
+schedules them itself. Throughput counts the requested tokens on both sides.
+Prompt lengths are mixed (uniform in [prompt_len/2, prompt_len]) unless
+``--fixed`` is given.
 """
 
 from __future__ import annotations
@@ -36,19 +39,20 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def run_ours(engine, prompts, output_len):
+def run_ours(engine, prompts, output_lens):
     from engine import SamplingParams
-    params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
+    params = [SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True) for n in output_lens]
     sync(engine.config.device)
     t0 = time.perf_counter()
     outs = engine.generate(prompts, params)
     sync(engine.config.device)
     dt = time.perf_counter() - t0
-    assert all(len(o.token_ids) == output_len for o in outs)
+    assert [len(o.token_ids) for o in outs] == list(output_lens)
     return dt
 
 
 def run_hf(model, prompts, output_len, device):
+    """One static batch: it runs until its longest request is done."""
     pad = 0
     width = max(len(p) for p in prompts)
     ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
@@ -115,6 +119,9 @@ def main(argv=None):
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--output-len", type=int, default=32)
     ap.add_argument("--fixed", action="store_true", help="all prompts exactly --prompt-len tokens")
+    ap.add_argument("--mixed-output", action="store_true",
+                    help="per-request output lengths uniform in [output_len/4, output_len]; transformers' "
+                         "static batch runs to the longest, useful tokens are counted on both sides")
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.45,
                     help="our engine's share of the GPU (the transformers twin needs the rest)")
@@ -131,28 +138,32 @@ def main(argv=None):
     hf = None if args.skip_hf else hf_model_like(engine, args.device, dtype)
     vocab = min(engine.model_config.vocab_size, 49152)
     rows = []
-    run_ours(engine, make_prompts(2, 16, vocab, True, seed=99), 4)          # warm-up
+    run_ours(engine, make_prompts(2, 16, vocab, True, seed=99), [4, 4])      # warm-up
     if hf is not None:
         run_hf(hf, make_prompts(2, 16, vocab, True, seed=99), 4, args.device)
     for b in args.batches:
         prompts = make_prompts(b, args.prompt_len, vocab, args.fixed, seed=b)
-        out_tokens = b * args.output_len
+        rng = random.Random(1000 + b)
+        out_lens = ([rng.randint(max(1, args.output_len // 4), args.output_len) for _ in range(b)]
+                    if args.mixed_output else [args.output_len] * b)
+        out_tokens = sum(out_lens)
         if args.device.startswith("cuda"):      # compile Triton specializations, capture graphs
-            run_ours(engine, prompts, args.output_len)
-        t_ours = run_ours(engine, prompts, args.output_len)
+            run_ours(engine, prompts, out_lens)
+        t_ours = run_ours(engine, prompts, out_lens)
         row = {"batch": b, "output_tokens": out_tokens, "ours_s": round(t_ours, 3),
                "ours_tok_s": round(out_tokens / t_ours, 1)}
         if hf is not None:
             if args.device.startswith("cuda"):
                 run_hf(hf, prompts, min(args.output_len, 8), args.device)
-            t_hf = run_hf(hf, prompts, args.output_len, args.device)
+            t_hf = run_hf(hf, prompts, max(out_lens), args.device)
             row.update(hf_s=round(t_hf, 3), hf_tok_s=round(out_tokens / t_hf, 1), speedup=round(t_hf / t_ours, 2))
         rows.append(row)
         print(row, flush=True)
     name = args.out or f"offline_throughput_{args.device.split(':')[0]}_{args.model.replace(':', '-')}"
     path = write_result(name, {"benchmark": "offline_throughput", "env": environment(args.device),
                                "model": args.model, "dtype": args.dtype, "prompt_len": args.prompt_len,
-                               "output_len": args.output_len, "mixed_lengths": not args.fixed, "rows": rows})
+                               "output_len": args.output_len, "mixed_prompt_lengths": not args.fixed,
+                               "mixed_output_lengths": args.mixed_output, "rows": rows})
     print(f"wrote {path}")
 
 
