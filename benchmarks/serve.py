@@ -328,6 +328,52 @@ def validate(args) -> None:
         raise ValueError("--prefix-groups must be >= 1")
 
 
+def scrape_phases(base_url: str) -> dict[str, dict]:
+    """The router's ``ttft_phase_seconds`` histograms: phase → count, sum, cumulative buckets."""
+    import re
+    import urllib.request
+
+    try:
+        text = urllib.request.urlopen(base_url.rstrip("/") + "/metrics", timeout=5).read().decode()
+    except OSError:
+        return {}
+    out: dict[str, dict] = {}
+    for line in text.splitlines():
+        m = re.match(r'baton:ttft_phase_seconds_(bucket|sum|count)\{(.*)\} (\S+)', line)
+        if not m:
+            continue
+        labels = dict(re.findall(r'(\w+)="([^"]*)"', m.group(2)))
+        ph = out.setdefault(labels["phase"], {"count": 0.0, "sum": 0.0, "buckets": {}})
+        if m.group(1) == "bucket":
+            ph["buckets"][float(labels["le"])] = float(m.group(3))
+        else:
+            ph[m.group(1)] = float(m.group(3))
+    return out
+
+
+def phase_summary(before: dict, after: dict) -> dict[str, dict]:
+    """Per TTFT phase over this run (after − before): mean and p50 in ms, the p50
+    interpolated linearly inside its histogram bucket."""
+    summary = {}
+    for phase, a in after.items():
+        b = before.get(phase, {"count": 0.0, "sum": 0.0, "buckets": {}})
+        n = a["count"] - b["count"]
+        if n <= 0:
+            continue
+        les = sorted(a["buckets"])
+        cum = [a["buckets"][le] - b["buckets"].get(le, 0.0) for le in les]
+        half, lo, prev = n / 2, 0.0, 0.0
+        p50 = les[-1]
+        for le, c in zip(les, cum):
+            if c >= half:
+                p50 = le if le == float("inf") or c == prev else lo + (le - lo) * (half - prev) / (c - prev)
+                break
+            lo, prev = le, c
+        summary[phase] = {"count": int(n), "mean_ms": round((a["sum"] - b["sum"]) / n * 1e3, 3),
+                          "p50_ms": round(p50 * 1e3, 3)}
+    return summary
+
+
 def main(argv: list[str] | None = None) -> int:
     p = add_arguments(argparse.ArgumentParser(prog="benchmarks.serve", description=__doc__.split("\n")[0]))
     args = p.parse_args(argv)
@@ -335,8 +381,12 @@ def main(argv: list[str] | None = None) -> int:
         validate(args)
     except ValueError as e:
         p.error(str(e))
+    before = scrape_phases(args.base_url)
     report = asyncio.run(run(args))
+    report["router_ttft_phases"] = phase_summary(before, scrape_phases(args.base_url))
     print_report(report)
+    for phase, v in report["router_ttft_phases"].items():
+        print(f"TTFT phase {phase:<24} mean {v['mean_ms']:>9.2f} ms   p50 {v['p50_ms']:>9.2f} ms  (n={v['count']})")
     if not args.no_save:
         print(f"saved {save_report(report, args.result_dir, args.result_filename)}")
     return 0 if report["completed"] else 1
