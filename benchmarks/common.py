@@ -21,7 +21,9 @@ def environment(device: str = "cpu") -> dict:
         env["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                                        cwd=Path(__file__).parent).stdout.strip()
     except OSError:
-        env["commit"] = "unknown"
+        env["commit"] = ""
+    # a copy without .git (the GPU machine) names its commit in BATON_COMMIT
+    env["commit"] = env["commit"] or __import__("os").environ.get("BATON_COMMIT", "unknown")
     if device.startswith("cuda"):
         env["gpu"] = torch.cuda.get_device_name()
         try:
