@@ -1,27 +1,13 @@
-"""Fixtures for cluster tests: a real, private redis-server per test.
+"""Fixtures for cluster tests (the private redis-servers are in tests/conftest.py).
 
-``redis_server`` yields a started ``cluster.redis_server.RedisServer`` (free
-port, no persistence) and kills it on teardown; tests may ``stop()`` and
-``start()`` it again on the same port to simulate an outage. ``redis_client``
-is a ``decode_responses=True`` client on it.
+``redis_client`` here is ``cluster.store.connect`` on the test's redis-server
+(the client every cluster component uses); ``ray_session`` one local Ray.
 """
 
 from __future__ import annotations
 
 import pytest
 
-from cluster import redis_server as rs
-
-
-@pytest.fixture
-def redis_server():
-    if not rs.available():
-        pytest.skip("redis-server binary not found")
-    server = rs.RedisServer().start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture
@@ -45,23 +31,3 @@ def ray_session(tmp_path_factory):
     yield
     if started:
         ray.shutdown()
-
-
-@pytest.fixture(scope="module")
-def module_redis():
-    """A private redis-server for a whole test module (a launched cluster outlives one test)."""
-    if not rs.available():
-        pytest.skip("redis-server binary not found")
-    server = rs.RedisServer().start()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
-@pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory):
-    """A tiny random Llama with SmolLM2's tokenizer (the router tokenizes)."""
-    from tests.helpers.tiny_models import make_tiny_model
-
-    return make_tiny_model(tmp_path_factory.mktemp("tiny_llama_cluster"), "llama", with_tokenizer=True)
