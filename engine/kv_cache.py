@@ -49,16 +49,31 @@ class KVCache:
             raise ValueError(f"block ids out of range [0, {self.num_blocks})")
         return torch.tensor(block_ids, dtype=torch.long, device=self.device)
 
+    def _rows(self, t: torch.Tensor) -> torch.Tensor:
+        """``[L*2, n, words]``: each block of a layer's K or V as one row of the widest
+        integer words that tile it. Gathers then move 8-byte words rather than 2-byte
+        elements (a generic index kernel is bound by elements, not bytes): same bits."""
+        rows = t.reshape(t.shape[0] * 2, t.shape[2], -1)
+        nbytes = rows.shape[2] * rows.element_size()
+        for word in (torch.int64, torch.int32, torch.int16):
+            size = torch.empty((), dtype=word).element_size()
+            if nbytes % size == 0 and size >= rows.element_size():
+                return rows.view(word)
+        return rows
+
     def export_blocks(self, block_ids: list[int]) -> torch.Tensor:
         """Contiguous copy ``[L, 2, n, bs, KH, D]`` of the given blocks (on the cache's device)."""
-        return self.tensor.index_select(2, self._index(block_ids))
+        L, _, _, bs, kh, d = self.tensor.shape
+        out = self._rows(self.tensor).index_select(1, self._index(block_ids))
+        return out.view(self.spec.dtype).view(L, 2, len(block_ids), bs, kh, d)
 
     def import_blocks(self, block_ids: list[int], data: torch.Tensor) -> None:
         expected = (self.spec.num_layers, 2, len(block_ids), self.spec.block_size,
                     self.spec.num_kv_heads, self.spec.head_dim)
         if tuple(data.shape) != expected:
             raise ValueError(f"KV data shape {tuple(data.shape)} does not match cache layout {expected}")
-        self.tensor.index_copy_(2, self._index(block_ids), data.to(self.device, self.spec.dtype))
+        data = data.to(self.device, self.spec.dtype).contiguous()
+        self._rows(self.tensor).index_copy_(1, self._index(block_ids), self._rows(data))
 
     def copy_block(self, src: int, dst: int) -> None:
         self.tensor[:, :, dst].copy_(self.tensor[:, :, src])
