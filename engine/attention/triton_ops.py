@@ -121,6 +121,21 @@ def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
         num_warps=1 if KH * D <= 1024 else 4)
 
 
+def _check_attention_args(q, k_cache, v_cache, out):
+    """Shared checks of the attention launchers; returns (q with a contiguous
+    head dim, the output tensor, allocated when None)."""
+    T, H, D = q.shape
+    KH = k_cache.shape[2]
+    if H % KH:
+        raise ValueError(f"{H} query heads are not a multiple of {KH} KV heads")
+    if k_cache.stride() != v_cache.stride() or k_cache.stride(-1) != 1:
+        raise ValueError("k_cache and v_cache must share one layout with a contiguous head dim")
+    q = _last_dim_contiguous(q)
+    if out is None:
+        out = torch.empty((T, H, D), dtype=q.dtype, device=q.device)
+    return q, out
+
+
 # --------------------------------------------------------------------------- decode
 
 # per-step values (batch width, split count) are not specialized on: a new
@@ -266,13 +281,7 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     T, H, D = q.shape
     B = block_tables.shape[0]
     _, block_size, KH, _ = k_cache.shape
-    if H % KH:
-        raise ValueError(f"{H} query heads are not a multiple of {KH} KV heads")
-    if k_cache.stride() != v_cache.stride() or k_cache.stride(-1) != 1:
-        raise ValueError("k_cache and v_cache must share one layout with a contiguous head dim")
-    q = _last_dim_contiguous(q)
-    if out is None:
-        out = torch.empty((T, H, D), dtype=q.dtype, device=q.device)
+    q, out = _check_attention_args(q, k_cache, v_cache, out)
     if B == 0:
         return out
     cfg = dict(decode_config(k_cache.dtype, D), **(config or {}))
@@ -423,13 +432,7 @@ def paged_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     """
     T, H, D = q.shape
     _, block_size, KH, _ = k_cache.shape
-    if H % KH:
-        raise ValueError(f"{H} query heads are not a multiple of {KH} KV heads")
-    if k_cache.stride() != v_cache.stride() or k_cache.stride(-1) != 1:
-        raise ValueError("k_cache and v_cache must share one layout with a contiguous head dim")
-    q = _last_dim_contiguous(q)
-    if out is None:
-        out = torch.empty((T, H, D), dtype=q.dtype, device=q.device)
+    q, out = _check_attention_args(q, k_cache, v_cache, out)
     cfg = dict(prefill_config(k_cache.dtype, D, max_shared_mem(q.device)), **(config or {}))
     block_m, block_n = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N")
     num_tiles = prefill_num_tiles(query_lens_cpu, block_m)
