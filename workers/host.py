@@ -6,7 +6,9 @@ Lifecycle:
   ``WorkerHost(engine_config, role=...)`` (cheap, picklable arguments) →
   ``await start()``: engine built on its thread; server bound on a free port
   (``port=0``); every KV transport serves this worker's held blocks (``grpc``
-  on the same server, ``local`` in process); optional /metrics HTTP port;
+  on the same server, ``local`` in process, ``nccl`` from GPU memory when the
+  engine is on a GPU — its rendezvous store goes into this worker's handles);
+  optional /metrics HTTP port;
   optional prefix-index writer on the block-event hook; returns the address →
   serving → ``await stop()``: the server stops (in-flight rpcs are cancelled,
   which aborts their requests), then the engine thread and the event hooks.
@@ -80,6 +82,8 @@ class WorkerHost:
         self.redis_url, self.index_model, self.index_namespace = redis_url, index_model, index_namespace
         hooks = on_block_events if isinstance(on_block_events, list) else [on_block_events] if on_block_events else []
         self.kv_transfer_options = kv_transfer_options or {}
+        self.kv_transport_address = ""   # what kv_transport advertised (nccl: the rendezvous store), for handles
+        self.nccl_endpoint = None        # decode side on a GPU: this worker's nccl pairs (kvtransfer.nccl_pairs)
         self.address: str | None = None
         self.layout: KVLayout | None = None
         self.max_model_len = 0
@@ -113,11 +117,18 @@ class WorkerHost:
             raise OSError(f"cannot bind {self.bind_host}:{self.port}")
         self.port = bound
         self.address = f"{self.advertise_host}:{bound}"
+        device = await self.loop.call(lambda e: e.device)
         source = EngineKVSource(self.loop, self.layout)
+        gpu_source = EngineKVSource(self.loop, self.layout, host_copy=False)    # nccl sends from the GPU
         ctx = ServeContext(self.address, self._server, {"grpc": {"on_transfer": self._on_sent,
-                                                                 **self.kv_transfer_options}})
+                                                                 **self.kv_transfer_options},
+                                                        "nccl": {"device": device, "host": self.advertise_host}})
         for name in available_transports():
-            self._undo.append(get_transport(name).serve(source, ctx))
+            self._undo.append(get_transport(name).serve(gpu_source if name == "nccl" else source, ctx))
+        self.kv_transport_address = ctx.advertised.get(self.kv_transport, "")
+        if device.type == "cuda" and self.role != "prefill":
+            from kvtransfer.nccl_pairs import PairClient
+            self.nccl_endpoint = PairClient(device, self.worker_id)
         await self._server.start()
         await self._health.set("", health_pb2.HealthCheckResponse.SERVING)
         await self._health.set("baton.worker.Worker", health_pb2.HealthCheckResponse.SERVING)
@@ -135,6 +146,8 @@ class WorkerHost:
             undo()
         self._undo.clear()
         await asyncio.to_thread(self.loop.stop)
+        if self.nccl_endpoint is not None:        # this worker's KV pairs: the holders see EOF
+            await asyncio.to_thread(self.nccl_endpoint.close)
         for client in self._peers.values():
             await client.close()
         if self.channels is not None:

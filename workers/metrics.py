@@ -86,6 +86,9 @@ class WorkerMetrics:
         self.kv_bytes = counter("kv_transfer_bytes", "KV bytes moved (received on decode, sent on prefill).")
         self.kv_transfers = counter("kv_transfers", "KV transfers that completed.")
         self.kv_failures = counter("kv_transfer_failures", "KV transfers that failed.")
+        self.kv_fallbacks = Counter("baton:kv_transfer_fallbacks", "KV pulls that used another transport "
+                                    "than the handle's (nccl without an NCCL path → grpc), by reason.",
+                                    names + ["reason"], registry=r)
         self.expired_holds = counter("expired_holds", "Holds freed by the TTL.")
         self.requests = Counter("baton:worker_requests", "Requests by rpc and outcome.",
                                 names + ["rpc", "outcome"], registry=r)
@@ -94,6 +97,8 @@ class WorkerMetrics:
         self.kv_total = {"transfers": 0, "bytes": 0, "seconds": 0.0, "failures": 0, "expired": 0}
 
     def transfer(self, stats, ok: bool) -> None:
+        if getattr(stats, "fallback_reason", ""):
+            self.kv_fallbacks.labels(**self.labels, reason=stats.fallback_reason).inc()
         if not ok:
             self.kv_failures.inc()
             self.kv_total["failures"] += 1

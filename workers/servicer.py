@@ -246,7 +246,7 @@ class WorkerServicer(pb_grpc.WorkerServicer):
                     raise RequestAborted(f"request {rid!r} was released or aborted before its handle was sent")
                 handle = KVHandle(rid, host.worker_id, host.address, list(held.block_ids), held.num_tokens,
                                   held.first_token, host.layout, host.kv_transport, prompt_token_ids=prompt,
-                                  first_logprob=held.first_logprob)
+                                  first_logprob=held.first_logprob, transport_address=host.kv_transport_address)
             else:   # complete at its first token: nothing held
                 handle = KVHandle(rid, host.worker_id, host.address, [], len(prompt),
                                   out.token_ids[0] if out.token_ids else 0, host.layout, host.kv_transport,
@@ -298,9 +298,10 @@ class WorkerServicer(pb_grpc.WorkerServicer):
             plan = await self.loop.call(_admit_with_kv, live, handle, params, self.host.max_waiting)
             data, tstats = None, None
             if plan.missing_block_ids and not live.aborted:
+                extra = {"nccl_endpoint": self.host.nccl_endpoint} if handle.transport == "nccl" else {}
                 rx = live.receiver = make_receiver(handle.transport, self.host.layout,
                                                    channels=self.host.channels,
-                                                   timeout_s=self.host.pull_timeout_s)
+                                                   timeout_s=self.host.pull_timeout_s, **extra)
                 rx.start(handle, plan.num_cached_blocks)
                 state = await rx.wait()
                 live.receiver = None
