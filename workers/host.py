@@ -146,6 +146,9 @@ class WorkerHost:
             undo()
         self._undo.clear()
         await asyncio.to_thread(self.loop.stop)
+        engine = self.loop.engine
+        if engine is not None and hasattr(engine, "close"):   # TP>1: stop the other ranks' processes
+            await asyncio.to_thread(engine.close)
         if self.nccl_endpoint is not None:        # this worker's KV pairs: the holders see EOF
             await asyncio.to_thread(self.nccl_endpoint.close)
         for client in self._peers.values():
