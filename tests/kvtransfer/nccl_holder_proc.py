@@ -8,6 +8,9 @@ worker does), holds request "r1" = blocks [5, 2, 11, 7] and serves it through a
 ``("close", name)`` → True; ``("exit",)`` ends the process.
 """
 
+import contextlib
+import multiprocessing as mp
+
 import torch
 
 from engine.kv_cache import KVCache, KVCacheSpec
@@ -71,3 +74,24 @@ def holder_main(commands, replies) -> None:
         elif cmd[0] == "close":
             hosts.pop(cmd[1]).close()
             replies.put(True)
+
+
+@contextlib.contextmanager
+def spawned_holder(reply_timeout_s: float):
+    """A holder process (``holder_main``) and ``call(*cmd)`` to drive it; the process
+    is asked to exit, then terminated if it lingers."""
+    ctx = mp.get_context("spawn")
+    commands, replies = ctx.Queue(), ctx.Queue()
+    proc = ctx.Process(target=holder_main, args=(commands, replies), daemon=True)
+    proc.start()
+
+    def call(*cmd):
+        commands.put(cmd)
+        return replies.get(timeout=reply_timeout_s)
+    try:
+        yield call
+    finally:
+        commands.put(("exit",))
+        proc.join(reply_timeout_s / 6)
+        if proc.is_alive():
+            proc.terminate()

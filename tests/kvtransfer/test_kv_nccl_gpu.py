@@ -5,7 +5,6 @@ Synchronous tests (asyncio.run) so they need no pytest-asyncio.
 """
 
 import asyncio
-import multiprocessing as mp
 import time
 
 import pytest
@@ -15,7 +14,7 @@ from kvtransfer import KVHandle, KVLayout
 from kvtransfer.base import TransferState
 from kvtransfer.nccl import NcclKVReceiver
 from kvtransfer.nccl_pairs import PairClient
-from tests.kvtransfer.nccl_holder_proc import HELD_BLOCKS, ShardedSource, holder_main, make_full_cache
+from tests.kvtransfer.nccl_holder_proc import HELD_BLOCKS, ShardedSource, make_full_cache, spawned_holder
 
 pytestmark = [pytest.mark.multigpu,
               pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")]
@@ -25,19 +24,8 @@ RX = "cuda:1"
 
 @pytest.fixture(scope="module")
 def holder_proc():
-    ctx = mp.get_context("spawn")
-    commands, replies = ctx.Queue(), ctx.Queue()
-    proc = ctx.Process(target=holder_main, args=(commands, replies), daemon=True)
-    proc.start()
-
-    def call(*cmd):
-        commands.put(cmd)
-        return replies.get(timeout=120)
-    yield call
-    commands.put(("exit",))
-    proc.join(20)
-    if proc.is_alive():
-        proc.terminate()
+    with spawned_holder(120) as call:
+        yield call
 
 
 def handle_for(address, layout):

@@ -6,7 +6,6 @@ socket, one send per pull); only the backend differs.
 """
 
 import asyncio
-import multiprocessing as mp
 import time
 
 import pytest
@@ -16,24 +15,13 @@ from kvtransfer import KVHandle, KVLayout
 from kvtransfer.base import TransferState
 from kvtransfer.nccl import FALLBACKS, NcclKVReceiver
 from kvtransfer.nccl_pairs import PairClient
-from tests.kvtransfer.nccl_holder_proc import HELD_BLOCKS, ShardedSource, holder_main, make_full_cache
+from tests.kvtransfer.nccl_holder_proc import HELD_BLOCKS, ShardedSource, make_full_cache, spawned_holder
 
 
 @pytest.fixture(scope="module")
 def holder_proc():
-    ctx = mp.get_context("spawn")
-    commands, replies = ctx.Queue(), ctx.Queue()
-    proc = ctx.Process(target=holder_main, args=(commands, replies), daemon=True)
-    proc.start()
-
-    def call(*cmd):
-        commands.put(cmd)
-        return replies.get(timeout=60)
-    yield call
-    commands.put(("exit",))
-    proc.join(10)
-    if proc.is_alive():
-        proc.terminate()
+    with spawned_holder(60) as call:
+        yield call
 
 
 def handle_for(address: str, layout: KVLayout, num_tokens: int = 15) -> KVHandle:
