@@ -13,7 +13,6 @@ import torch
 
 from kvtransfer.base import KVReceiver, KVSender, KVSource, KVTransferError
 from kvtransfer.handle import KVHandle
-from kvtransfer.layout import KVLayout
 from kvtransfer.registry import ServeContext, Transport, register_transport
 
 _SOURCES: dict[str, KVSource] = {}

@@ -3,9 +3,7 @@
 The runner's part is played by RunnerOutput values (the contract), so these
 tests exercise scheduling alone."""
 
-import random
 
-import pytest
 from hypothesis import given, settings, strategies as st
 
 from engine.block_manager import BlockManager
