@@ -24,7 +24,6 @@ Workers are made by ``worker_factory(role)`` → a Ray actor class called with
 one ``WorkerSpec`` (default: ``cluster.worker_actor.ManagedWorker``, a
 ``workers.WorkerHost`` that registers and heartbeats itself); it must offer
 ``ready() -> address``, ``stats() -> dict or object`` and ``shutdown()``.
-Tests plug in fakes.
 
 The class is plain; ``controller_actor()`` wraps it with ``ray.remote``. Every
 public method is a coroutine (an async actor: one event loop, no locks).
