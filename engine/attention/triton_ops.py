@@ -138,6 +138,18 @@ def _check_attention_args(q, k_cache, v_cache, out):
 
 # --------------------------------------------------------------------------- decode
 
+@triton.jit
+def _online_softmax_step(s, v, m_i, l_i, acc, DOT_PREC: tl.constexpr):
+    """One key tile of flash attention (base-2 scores ``s``, masked with -inf):
+    rescale the running max ``m_i``, sum ``l_i`` and output ``acc``, add the tile."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+    return m_new, l_i, acc
+
+
 # per-step values (batch width, split count) are not specialized on: a new
 # divisibility class would otherwise recompile the kernel mid-serving
 @triton.jit(do_not_specialize=["num_splits", "stride_bt"])
@@ -191,13 +203,8 @@ def _decode_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, seq_lens_ptr, qsl_ptr,
             k = tl.load(kc_ptr + base[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
             s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
             s = tl.where(tmask[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(s - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
             v = tl.load(vc_ptr + base[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
-            m_i = m_new
+            m_i, l_i, acc = _online_softmax_step(s, v, m_i, l_i, acc, DOT_PREC)
 
         omask = hmask[:, None] & dmask[None, :]
         o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]    # empty context → zeros, not NaN
@@ -368,13 +375,8 @@ def _prefill_kernel(q_ptr, kc_ptr, vc_ptr, out_ptr, bt_ptr, seq_lens_ptr, qsl_pt
         base = blk * stride_cb + (toks % BLOCK_SIZE) * stride_ct + kh * stride_ch
         k = tl.load(kc_ptr + base[:, None] + offs_d[None, :], mask=dmask[None, :], other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(vc_ptr + base[:, None] + offs_d[None, :], mask=dmask[None, :], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
-        m_i = m_new
+        m_i, l_i, acc = _online_softmax_step(s, v, m_i, l_i, acc, DOT_PREC)
     for n0 in range(full_end, kv_end, BLOCK_N):   # the diagonal: causal mask
         toks = n0 + offs_n
         tmask = toks < kv_end
@@ -384,13 +386,8 @@ def _prefill_kernel(q_ptr, kc_ptr, vc_ptr, out_ptr, bt_ptr, seq_lens_ptr, qsl_pt
         k = tl.load(kc_ptr + base[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
         s = tl.where((toks[None, :] <= qpos[:, None]) & tmask[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(vc_ptr + base[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
-        m_i = m_new
+        m_i, l_i, acc = _online_softmax_step(s, v, m_i, l_i, acc, DOT_PREC)
 
     o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     tl.store(out_ptr + rows[:, None] * stride_ot + h * stride_oh + offs_d[None, :],
