@@ -46,9 +46,10 @@ class BlockManager:
     def usage(self) -> float:
         return 1.0 - self.num_free_blocks / self.num_blocks
 
-    def blocks_needed(self, req: Request, num_tokens: int) -> int:
-        """New blocks ``req`` needs so that ``num_tokens`` tokens fit in its table."""
-        return max(0, -(-num_tokens // self.block_size) - len(req.block_ids))
+    def blocks_needed(self, req: Request, num_tokens: int, cached: list[int] = ()) -> int:
+        """New blocks ``req`` needs so that ``num_tokens`` tokens fit in its table
+        once the ``cached`` prefix hits are appended to it."""
+        return max(0, -(-num_tokens // self.block_size) - len(req.block_ids) - len(cached))
 
     def get_computed_blocks(self, req: Request, leave_one: bool = True) -> list[int]:
         """Leading cached blocks of ``req``'s hashes (stops at the first miss). With
@@ -74,7 +75,7 @@ class BlockManager:
     def allocate(self, req: Request, num_tokens: int, cached: list[int] = ()) -> bool:
         """Grow ``req``'s table (first taking ``cached`` prefix hits) to hold
         ``num_tokens`` tokens. False (and no change) if the pool is too small."""
-        need = max(0, -(-num_tokens // self.block_size) - len(req.block_ids) - len(cached))
+        need = self.blocks_needed(req, num_tokens, cached)
         if not self.can_allocate(need, cached):
             return False
         for b in cached:

@@ -107,8 +107,7 @@ class Scheduler:
         total when ``absolute``), plus one for a copy-on-write if needed."""
         total = n if absolute else req.num_computed_tokens + n
         bm = self.block_manager
-        cow = bm.num_cow_blocks(req, req.num_computed_tokens)
-        need = max(0, -(-total // self.block_size) - len(req.block_ids) - len(cached)) + cow
+        need = bm.blocks_needed(req, total, cached) + bm.num_cow_blocks(req, req.num_computed_tokens)
         if not bm.can_allocate(need, cached):
             return False
         return bm.allocate(req, total, cached)

@@ -230,8 +230,7 @@ class LlamaForCausalLM(nn.Module):
         self.tp = tp             # engine.distributed.TPGroup, or None for TP=1
         self.model = LlamaModel(config, tp)
         self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, tp=tp)
-        if config.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
+        self.tie_weights()
 
     def tie_weights(self) -> None:
         """Re-share the LM head with the embedding (after parameters were replaced)."""

@@ -146,9 +146,10 @@ def _load_hf_folder(path: Path, dtype, device, overrides, name, opts: _Opts) -> 
 
     total = sum(f.stat().st_size for f in files)
     count = 0
-    for f in files:
-        with safe_open(str(f), framework="pt", device="cpu") as st:
-            count += len(list(st.keys()))
+    if total >= _PROGRESS_BYTES:    # the bar's length: one more pass over the headers
+        for f in files:
+            with safe_open(str(f), framework="pt", device="cpu") as st:
+                count += len(st.keys())
     weights = _progress(tensors(), total, count, f"loading {path.name}")
     model.load_weights(_skip_extra_layers(weights, config.num_hidden_layers))
     tokenizer = None
