@@ -59,6 +59,12 @@ class EngineConfig:
     hf_overrides: dict = field(default_factory=dict, hash=False, compare=False)
     """Extra config fields for dummy presets (e.g. ``num_hidden_layers``)."""
 
+    @property
+    def torch_dtype(self):
+        """``dtype`` as a ``torch.dtype``."""
+        import torch
+        return getattr(torch, self.dtype)
+
     def __post_init__(self) -> None:
         if not isinstance(self.model, str) or not self.model:
             raise ValueError("model must be a non-empty string")

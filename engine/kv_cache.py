@@ -23,6 +23,14 @@ class KVCacheSpec:
     block_size: int
     dtype: torch.dtype
 
+    @classmethod
+    def for_model(cls, model_config, tp_size: int, block_size: int, dtype: torch.dtype) -> "KVCacheSpec":
+        """One rank's cache of ``model_config`` (an ``engine.models.llama.ModelConfig``):
+        its KV heads only at ``tp_size > 1``."""
+        from engine.distributed import local_kv_heads
+        return cls(model_config.num_hidden_layers, local_kv_heads(model_config.num_key_value_heads, tp_size),
+                   model_config.head_dim, block_size, dtype)
+
     @property
     def bytes_per_block(self) -> int:
         elem = torch.empty((), dtype=self.dtype).element_size()

@@ -32,15 +32,12 @@ import torch
 from engine.attention import get_backend
 from engine.block_manager import BlockManager
 from engine.config import EngineConfig
-from engine.distributed import local_kv_heads
 from engine.kv_cache import KVCache, KVCacheSpec
 from engine.model_runner import ModelRunner
 from engine.outputs import (BlockEvent, CompletionOutput, EngineStats, HeldRequest, KVPlan,
                             RequestOutput)
 from engine.request import Request, RequestStatus, SamplingParams
 from engine.scheduler import Scheduler
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class LLMEngine:
@@ -52,7 +49,7 @@ class LLMEngine:
 
         self.config = config
         self.device = torch.device(config.device)
-        self.dtype = _DTYPES[config.dtype]
+        self.dtype = config.torch_dtype
         self.tp_executor = None
         tp = None
         if config.tensor_parallel_size > 1:
@@ -82,9 +79,7 @@ class LLMEngine:
         self.eos_token_ids = tuple(mc.eos_token_ids) or (
             tuple(self.tokenizer.eos_token_ids) if self.tokenizer else ())
         # this rank's cache: its KV heads only (all of them at TP=1)
-        self.kv_spec = KVCacheSpec(mc.num_hidden_layers,
-                                   local_kv_heads(mc.num_key_value_heads, config.tensor_parallel_size),
-                                   mc.head_dim, config.block_size, self.dtype)
+        self.kv_spec = KVCacheSpec.for_model(mc, config.tensor_parallel_size, config.block_size, self.dtype)
         self.backend = get_backend(config.attention_backend, self.device)
         num_blocks = config.num_kv_blocks or self._auto_num_blocks()
         self.kv_cache = KVCache(self.kv_spec, num_blocks, self.device)
@@ -117,8 +112,7 @@ class LLMEngine:
         if params.n > 1 and self.config.mode == "prefill":
             raise ValueError("n > 1 is not supported by a prefill-only engine; send n requests")
         prompt_ids = self._tokenize(prompt)
-        samples = [self._new_request(request_id if i == 0 else f"{request_id}#{i}", prompt_ids, params, i,
-                                     arrival_time) for i in range(params.n)]
+        samples = [self._new_request(request_id, prompt_ids, params, i, arrival_time) for i in range(params.n)]
         samples[0].pending_children = samples[1:]
         self._groups[request_id] = samples
         self.scheduler.add(samples[0])
@@ -140,9 +134,11 @@ class LLMEngine:
                              f"tokens, so the prompt must be at most {self.max_model_len - 1}")
         return ids
 
-    def _new_request(self, rid, prompt_ids, params, index, arrival_time) -> Request:
-        req = Request(rid, prompt_ids, params, self.eos_token_ids, arrival_time, sample_index=index)
-        req.pending_children = []
+    def _new_request(self, gid, prompt_ids, params, index, arrival_time) -> Request:
+        """Sample ``index`` of group ``gid`` (sample 0 carries the group's id)."""
+        rid = f"{gid}#{index}" if index else gid
+        req = Request(rid, prompt_ids, params, self.eos_token_ids, arrival_time,
+                      parent_id=gid if index else None, sample_index=index)
         if params.seed is not None:
             req.generator = torch.Generator(self.device).manual_seed(params.seed + index)
         if self.tokenizer is not None:
@@ -183,8 +179,7 @@ class LLMEngine:
     def abort(self, request_id: str) -> bool:
         samples = self._groups.pop(request_id, None)
         if samples is None:
-            held = self.scheduler.held.get(request_id)
-            return held is not None and self.release(request_id)
+            return self.release(request_id)
         for req in samples:
             self.scheduler.finish(req, RequestStatus.FINISHED_ABORTED)
             self._forget(req.request_id)
@@ -197,7 +192,7 @@ class LLMEngine:
             if req.pending_children and req.num_output_tokens == 1:
                 self._fork(req)
             self._detokenize(req)
-            touched[self._group_id(req)] = None
+            touched[req.parent_id or req.request_id] = None
         return [o for gid in touched if (o := self._group_output(gid)) is not None]
 
     def _fork(self, parent: Request) -> None:
@@ -245,9 +240,6 @@ class LLMEngine:
             return ""
         cut = getattr(req, "_text_cut", None)
         return det.text if cut is None else det.text[:cut]
-
-    def _group_id(self, req: Request) -> str:
-        return req.request_id.split("#", 1)[0] if req.sample_index else req.request_id
 
     def _group_output(self, gid: str) -> RequestOutput | None:
         samples = self._groups.get(gid)
@@ -324,7 +316,6 @@ class LLMEngine:
         if not 0 <= first_token < self.model_config.vocab_size:
             raise ValueError("first_token out of the vocabulary")
         req = self._new_request(request_id, ids, params, 0, None)
-        req.pending_children = []
         req._first_token = first_token
         try:
             num_blocks, num_tokens = self.scheduler.add_with_kv(req)
@@ -380,7 +371,6 @@ class LLMEngine:
             num = self.tp_executor.tp.min_int(num)
         if num < 1:
             raise ValueError("not enough GPU memory for the KV cache; raise gpu_memory_utilization")
-        self.kv_tokens_capacity = num * self.config.block_size
         return num
 
     def _install_cuda_graphs(self) -> None:

@@ -46,15 +46,12 @@ from typing import Callable
 import torch
 
 from engine.config import EngineConfig
-from engine.distributed import TPGroup, kv_head_start, local_kv_heads, make_store, rank_device
+from engine.distributed import TPGroup, kv_head_start, make_store, rank_device
 from engine.kv_cache import KVCache, KVCacheSpec
 from engine.model_runner import ModelRunner
 from engine.outputs import SchedulerOutput
 
 log = logging.getLogger(__name__)
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
 
 # ---- messages (rank 0 → every rank) ----------------------------------------------
 
@@ -123,10 +120,9 @@ def spawn_local(config: EngineConfig, address: str, ranks: list[int]) -> LocalRa
 # ---- rank 0 ---------------------------------------------------------------------------
 
 class TPExecutor:
-    def __init__(self, tp: TPGroup, ranks, config: EngineConfig):
+    def __init__(self, tp: TPGroup, ranks):
         self.tp = tp
         self.ranks = ranks
-        self.config = config
         self._closed = False
 
     @classmethod
@@ -141,7 +137,7 @@ class TPExecutor:
         except BaseException:
             ranks.terminate()
             raise
-        return cls(tp, ranks, config)
+        return cls(tp, ranks)
 
     def send(self, msg) -> None:
         self.tp.broadcast_object(msg)
@@ -220,13 +216,10 @@ class _RankWorker:
         from engine.models.loader import load_model
 
         self.config, self.tp = config, tp
-        dtype = _DTYPES[config.dtype]
-        loaded = load_model(config.model, dtype, tp.device, seed=config.seed,
+        loaded = load_model(config.model, config.torch_dtype, tp.device, seed=config.seed,
                             hf_overrides=config.hf_overrides, tp=tp, load_tokenizer=False)
         self.model = loaded.model
-        mc = loaded.config
-        self.spec = KVCacheSpec(mc.num_hidden_layers, local_kv_heads(mc.num_key_value_heads, tp.size),
-                                mc.head_dim, config.block_size, dtype)
+        self.spec = KVCacheSpec.for_model(loaded.config, tp.size, config.block_size, config.torch_dtype)
         self.backend = get_backend(config.attention_backend, tp.device)
         self.runner: ModelRunner | None = None
 
