@@ -15,6 +15,9 @@ Module map (each has one job):
   router_actor.py   the router (router.server.build_router) inside a Ray actor
   launcher.py       launch(config) → ClusterHandle; shutdown()
   cli.py            `baton up | status | scale | drain | down | generate | bench`
+  state_file.py     the state file `baton up` writes for the other commands
+  status_view.py    `baton status` output: worker table, router health, registry fallback
+  generate.py       `baton generate`: one in-process engine, streamed to stdout
 
 Leaf modules (config, keys, store, memory_store, registry, prefix_index, types)
 import neither Ray nor the workers, so the router and workers may use them.

@@ -24,44 +24,13 @@ import os
 import signal
 import sys
 import time
-from pathlib import Path
 
 from cluster.config import ROLES
+from cluster.state_file import drop_state, pid_alive, read_state, state_path, write_json_atomic, write_state
+from cluster.status_view import console as _console, render_status, router_health, state_from_registry
+from cluster.store import is_memory_url
 
 log = logging.getLogger("baton")
-
-
-# -- state file ---------------------------------------------------------------
-
-def state_path() -> Path:
-    base = os.environ.get("BATON_STATE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "baton")
-    return Path(base) / "cluster.json"
-
-
-def read_state() -> dict | None:
-    p = state_path()
-    try:
-        return json.loads(p.read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def write_state(data: dict) -> None:
-    p = state_path()
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    tmp.replace(p)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-        return True
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
 
 
 # -- reaching a running cluster -------------------------------------------------
@@ -114,7 +83,7 @@ def cmd_up(args) -> int:
     console = Console()
     cfg = _config_from_args(args)
     st = read_state()
-    if st and _pid_alive(int(st.get("pid", 0))) and st.get("pid") != os.getpid():
+    if st and pid_alive(int(st.get("pid", 0))) and st.get("pid") != os.getpid():
         console.print(f"[red]a cluster is already up (pid {st['pid']}, {st.get('http_url')}); "
                       "`baton down` first[/red]")
         return 1
@@ -135,7 +104,7 @@ def cmd_up(args) -> int:
     try:
         handle = launch(cfg)
     except BaseException:
-        _drop_state()
+        drop_state()
         raise
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
@@ -163,15 +132,9 @@ def cmd_up(args) -> int:
     finally:
         console.print("stopping …")
         handle.shutdown()
-        _drop_state()
+        drop_state()
         console.print("stopped.")
     return 0
-
-
-def _drop_state() -> None:
-    st = read_state()
-    if st and st.get("pid") == os.getpid():
-        state_path().unlink(missing_ok=True)
 
 
 def _write_prometheus_sd(path: str, handle) -> None:
@@ -186,77 +149,7 @@ def _write_prometheus_sd(path: str, handle) -> None:
         if port and w["address"]:
             host = w["address"].rsplit(":", 1)[0]
             groups.append({"targets": [f"{host}:{port}"], "labels": {"worker": w["worker_id"], "role": w["role"]}})
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    p.with_suffix(".tmp").write_text(json.dumps(groups, indent=2))
-    p.with_suffix(".tmp").replace(p)
-
-
-def _console():
-    """A rich console; when output is not a terminal, wide enough that tables are not cut."""
-    from rich.console import Console
-
-    console = Console()
-    if not console.is_terminal:
-        console = Console(width=max(console.width, 140))
-    return console
-
-
-def _hit_rate(stats: dict) -> str:
-    q = stats.get("prefix_cache_queries") or 0
-    return f"{100.0 * (stats.get('prefix_cache_hits') or 0) / q:.1f}%" if q else "-"
-
-
-def render_status(state: dict, extra: dict | None = None):
-    from rich.table import Table
-
-    extra = extra or {}
-    title = f"Baton — {state.get('model', '?')}"
-    if extra.get("http_url"):
-        title += f" — {extra['http_url']}/v1"
-    t = Table(title=title, caption=f"store {state.get('store_url', '?')}  pools " +
-              ", ".join(f"{r}={n}" for r, n in state.get("targets", {}).items()))
-    for col, just in (("worker", "left"), ("role", "left"), ("status", "left"), ("address", "left"),
-                      ("running", "right"), ("waiting", "right"), ("held", "right"), ("KV usage", "right"),
-                      ("cache hit", "right"), ("restarts", "right")):
-        t.add_column(col, justify=just)
-    colors = {"ready": "green", "starting": "yellow", "draining": "yellow", "dead": "red"}
-    for w in state.get("workers", []):
-        s = w.get("stats") or {}
-        t.add_row(w["worker_id"], w["role"], f"[{colors.get(w['status'], 'white')}]{w['status']}[/]",
-                  w.get("address", ""), str(s.get("num_running", "-")), str(s.get("num_waiting", "-")),
-                  str(s.get("num_held", "-")),
-                  f"{100.0 * s['kv_cache_usage']:.1f}%" if "kv_cache_usage" in s else "-",
-                  _hit_rate(s), str(w.get("restarts", 0)))
-    return t
-
-
-def _state_from_registry(store_url: str, namespace: str) -> dict:
-    from cluster.registry import Registry
-    from cluster.store import connect
-
-    records = Registry(connect(store_url), namespace).snapshot()
-    workers = [{"worker_id": r.info.worker_id, "role": r.info.role, "address": r.info.address,
-                "status": ("draining" if r.info.draining else "ready") if r.alive else "dead",
-                "restarts": 0, "stats": r.stats} for r in records]
-    targets: dict = {}
-    for w in workers:
-        targets[w["role"]] = targets.get(w["role"], 0) + 1
-    model = records[0].info.model if records else "?"
-    return {"model": model, "store_url": store_url, "targets": targets, "workers": workers}
-
-
-def _router_health(http_url: str) -> str:
-    import httpx
-
-    try:
-        body = httpx.get(http_url + "/health", timeout=2.0).json()
-    except Exception as e:
-        return f"[red]unreachable[/red] ({type(e).__name__})"
-    color = {"ok": "green", "degraded": "yellow"}.get(body.get("status"), "red")
-    return (f"[{color}]{body.get('status')}[/{color}]  prefix index {body.get('prefix_index', '?')}, "
-            f"registry {body.get('registry', '?')}, running {body.get('num_requests_running', '?')}, "
-            f"queued {body.get('num_requests_waiting', '?')}")
+    write_json_atomic(path, groups)
 
 
 def cmd_status(args) -> int:
@@ -269,17 +162,17 @@ def cmd_status(args) -> int:
         source = "controller"
     except Exception as e:
         store_url = args.redis_url or st.get("store_url")
-        if not store_url or store_url.startswith("memory://"):
+        if not store_url or is_memory_url(store_url):
             console.print(f"[red]{e}[/red]")
             return 1
-        state = _state_from_registry(store_url, st.get("namespace", "baton"))
+        state = state_from_registry(store_url, st.get("namespace", "baton"))
         source = f"registry (controller unreachable: {e})"
     if args.json:
         print(json.dumps(state, indent=2))
         return 0
     console.print(render_status(state, st))
     if st.get("http_url"):
-        console.print(f"router: {_router_health(st['http_url'])}")
+        console.print(f"router: {router_health(st['http_url'])}")
     if source != "controller":
         console.print(f"[yellow]from the {source}[/yellow]")
     for ev in state.get("events", [])[-5:]:
@@ -308,12 +201,12 @@ def cmd_drain(args) -> int:
 def cmd_down(args) -> int:
     st = read_state()
     pid = int(st.get("pid", 0)) if st else 0
-    if pid and _pid_alive(pid):
+    if pid and pid_alive(pid):
         os.kill(pid, signal.SIGTERM)
         deadline = time.monotonic() + args.timeout
-        while _pid_alive(pid) and time.monotonic() < deadline:
+        while pid_alive(pid) and time.monotonic() < deadline:
             time.sleep(0.2)
-        if _pid_alive(pid):
+        if pid_alive(pid):
             print(f"baton up (pid {pid}) did not stop within {args.timeout}s", file=sys.stderr)
             return 1
         print(f"stopped the cluster of pid {pid}")
@@ -333,45 +226,9 @@ def cmd_down(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    from engine import EngineConfig, LLMEngine, SamplingParams
+    from cluster import generate
 
-    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
-    t_load = time.perf_counter()
-    engine = LLMEngine(EngineConfig(model=args.model, device=args.device, dtype=args.dtype,
-                                    num_kv_blocks=args.num_kv_blocks, seed=args.seed or 0))
-    load_s = time.perf_counter() - t_load
-    if args.chat:
-        messages = ([{"role": "system", "content": args.system}] if args.system else [])
-        messages.append({"role": "user", "content": prompt})
-        prompt_ids = engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-        if isinstance(prompt_ids, str):
-            prompt_ids = engine.tokenizer.encode(prompt_ids)
-    else:
-        prompt_ids = engine.tokenizer.encode(prompt)
-    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-                            top_k=args.top_k, seed=args.seed)
-    t0 = time.perf_counter()
-    engine.add_request("generate-0", list(prompt_ids), params)
-    first = None
-    final = None
-    while engine.has_unfinished():
-        for out in engine.step():
-            if out.new_text:
-                if first is None:
-                    first = time.perf_counter() - t0
-                sys.stdout.write(out.new_text)
-                sys.stdout.flush()
-            if out.finished:
-                final = out
-    elapsed = time.perf_counter() - t0
-    sys.stdout.write("\n")
-    n = len(final.token_ids) if final else 0
-    decode_s = elapsed - (first or 0.0)
-    tps = (n - 1) / decode_s if n > 1 and decode_s > 0 else 0.0
-    print(f"[{len(prompt_ids)} prompt + {n} generated tokens in {elapsed:.2f}s, "
-          f"TTFT {1000 * (first or elapsed):.0f} ms, {tps:.1f} tok/s decode, "
-          f"finish={final.finish_reason if final else '?'}, load {load_s:.1f}s]", file=sys.stderr)
-    return 0
+    return generate.run(args)
 
 
 def cmd_bench(args) -> int:

@@ -97,7 +97,7 @@ class PoolSection:
                                  f"got {role!r}: {res!r}")
 
     def count(self, role: str) -> int:
-        return getattr(self, _check_role(role))
+        return getattr(self, check_role(role))
 
 
 @dataclass(frozen=True)
@@ -288,7 +288,7 @@ def _coerce(key: str, value: Any, hint) -> Any:
     raise ValueError(f"{key} must be {names}, got {value!r}")
 
 
-def _check_role(role: str) -> str:
+def check_role(role: str) -> str:
     if role not in ROLES:
         raise ValueError(f"role must be one of {ROLES}, got {role!r}")
     return role

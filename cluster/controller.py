@@ -38,7 +38,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from cluster.config import ROLES, ClusterConfig
+from cluster.config import ROLES, ClusterConfig, check_role
 from cluster.types import WorkerSpec, WorkerState, as_dict
 
 log = logging.getLogger(__name__)
@@ -126,10 +126,7 @@ class Controller:
         deadline = time.monotonic() + timeout_s
         while True:
             states = [s.state for s in self._slots.values() if s.state.status != "stopped"]
-            failed = [s.state for s in self._slots.values() if s.state.status == "dead" and not s.ever_ready]
-            if failed:      # never came up: a config or model problem, restarting will not help
-                raise RuntimeError("workers failed to start: " +
-                                   "; ".join(f"{s.worker_id}: {s.error}" for s in failed))
+            self._raise_if_failed()
             counts = {role: sum(1 for s in states if s.role == role and s.status == "ready") for role in ROLES}
             if all(counts[r] >= self._targets[r] for r in ROLES):
                 return
@@ -157,8 +154,7 @@ class Controller:
     async def scale(self, role: str, n: int, wait: bool = False, timeout_s: float = _READY_TIMEOUT_S) -> dict:
         """Set ``role``'s pool size. New workers route once ready; removed ones drain first.
         ``wait=True`` returns when the pool has exactly ``n`` ready workers and nothing draining."""
-        if role not in ROLES:
-            raise ValueError(f"role must be one of {ROLES}, got {role!r}")
+        check_role(role)
         if not isinstance(n, int) or n < 0:
             raise ValueError(f"pool size must be an integer >= 0, got {n!r}")
         _check_targets(dict(self._targets, **{role: n}))
@@ -407,14 +403,19 @@ class Controller:
         if self.config.pools.restart_dead and not self._stopping:
             self._spawn(slot.state.role, slot)
 
+    def _raise_if_failed(self, role: str | None = None) -> None:
+        """Raise if a worker (of ``role``, or any) died without ever coming up: a config or model
+        problem, restarting will not help."""
+        failed = [s.state for s in self._slots.values()
+                  if (role is None or s.state.role == role) and s.state.status == "dead" and not s.ever_ready]
+        if failed:
+            raise RuntimeError("workers failed to start: " +
+                               "; ".join(f"{s.worker_id}: {s.error}" for s in failed))
+
     async def _wait_pool(self, role: str, n: int, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            failed = [s.state for s in self._slots.values()
-                      if s.state.role == role and s.state.status == "dead" and not s.ever_ready]
-            if failed:
-                raise RuntimeError("workers failed to start: " +
-                                   "; ".join(f"{s.worker_id}: {s.error}" for s in failed))
+            self._raise_if_failed(role)
             slots = [s.state for s in self._slots.values() if s.state.role == role]
             ready = sum(1 for s in slots if s.status == "ready")
             busy = sum(1 for s in slots if s.status in ("starting", "draining"))

@@ -35,12 +35,10 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
 from cluster import keys
+from cluster.config import check_role
 from cluster.prefix_index import arun_commands, drop_worker_commands, run_commands
 
 log = logging.getLogger(__name__)
-
-ROLES = ("prefill", "decode", "colocated")
-
 
 def new_epoch() -> str:
     """A fresh random epoch for one worker start."""
@@ -60,8 +58,7 @@ class WorkerInfo:
     max_model_len: int | None = None
 
     def __post_init__(self) -> None:
-        if self.role not in ROLES:
-            raise ValueError(f"role must be one of {ROLES}, got {self.role!r}")
+        check_role(self.role)
         if not self.worker_id or ":" in self.worker_id:
             raise ValueError(f"worker_id must be non-empty without ':', got {self.worker_id!r}")
 
@@ -155,20 +152,24 @@ class Registry:
         return len(members)
 
     # -- reads ------------------------------------------------------------
+    def _liveness_commands(self, infos: list[WorkerInfo]) -> list:
+        ids = [i.worker_id for i in infos]
+        return [("mget", ([keys.alive_key(w, self.ns) for w in ids],)),
+                ("mget", ([keys.stats_key(w, self.ns) for w in ids],))]
+
+    @staticmethod
+    def _records(infos: list[WorkerInfo], epochs: list, stats: list) -> list[WorkerRecord]:
+        return [WorkerRecord(info, alive=(epoch == info.epoch), stats=json.loads(st) if st else {})
+                for info, epoch, st in zip(infos, epochs, stats)]
+
     def snapshot(self) -> list[WorkerRecord]:
         """Every registered worker with its liveness and stats (two round trips)."""
         entries = self.client.hgetall(keys.workers_key(self.ns))
         infos = [WorkerInfo.from_json(v) for _, v in sorted(entries.items())]
         if not infos:
             return []
-        ids = [i.worker_id for i in infos]
-        epochs, stats = run_commands(self.client, [
-            ("mget", ([keys.alive_key(w, self.ns) for w in ids],)),
-            ("mget", ([keys.stats_key(w, self.ns) for w in ids],))])
-        out = []
-        for info, epoch, st in zip(infos, epochs, stats):
-            out.append(WorkerRecord(info, alive=(epoch == info.epoch), stats=json.loads(st) if st else {}))
-        return out
+        epochs, stats = run_commands(self.client, self._liveness_commands(infos))
+        return self._records(infos, epochs, stats)
 
     def list_live(self, role: str | None = None) -> list[WorkerInfo]:
         return [r.info for r in self.snapshot() if r.alive and (role is None or r.info.role == role)]
@@ -193,12 +194,8 @@ class Registry:
         infos = [WorkerInfo.from_json(v) for _, v in sorted(entries.items())]
         if not infos:
             return []
-        ids = [i.worker_id for i in infos]
-        epochs, stats = await arun_commands(self.client, [
-            ("mget", ([keys.alive_key(w, self.ns) for w in ids],)),
-            ("mget", ([keys.stats_key(w, self.ns) for w in ids],))])
-        return [WorkerRecord(info, alive=(epoch == info.epoch), stats=json.loads(st) if st else {})
-                for info, epoch, st in zip(infos, epochs, stats)]
+        epochs, stats = await arun_commands(self.client, self._liveness_commands(infos))
+        return self._records(infos, epochs, stats)
 
 
 class Heartbeat:
