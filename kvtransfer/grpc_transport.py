@@ -28,12 +28,9 @@ from kvtransfer.base import (KVNotFound, KVReceiver, KVSender, KVSource, KVStale
 from kvtransfer.handle import KVHandle
 from kvtransfer.layout import KVLayout, KVLayoutError
 from kvtransfer.registry import ServeContext, Transport, register_transport
-from kvtransfer.wire import handle_from_pb, handle_to_pb, layout_from_pb, layout_to_pb
+from kvtransfer.wire import GRPC_OPTIONS, handle_from_pb, handle_to_pb, layout_from_pb, layout_to_pb
 from protos.gen import kv_transfer_pb2 as pb
 from protos.gen import kv_transfer_pb2_grpc as pb_grpc
-
-GRPC_OPTIONS = [("grpc.max_receive_message_length", 8 << 20), ("grpc.max_send_message_length", 8 << 20)]
-
 
 class GrpcKVSender(KVSender):
     """One PullKV stream on the holder's side; iterate ``chunks()`` after ``start``."""

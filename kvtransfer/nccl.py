@@ -53,14 +53,17 @@ def _count_fallback(reason: str) -> None:
         pass
 
 
+def _current_device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
 def default_endpoint() -> PairClient:
     """This process's receiver end: the current CUDA device, or a CPU one (which
     has no NCCL path: its pulls fall back to grpc)."""
     global _default_endpoint
     with _lock:
         if _default_endpoint is None:
-            dev = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
-            _default_endpoint = PairClient(dev)
+            _default_endpoint = PairClient(_current_device())
         return _default_endpoint
 
 
@@ -133,9 +136,7 @@ def _export_fn(source: KVSource):
 def serve(source: KVSource, ctx: ServeContext):
     opts = ctx.options.get("nccl", {})
     device = opts.get("device")
-    if device is None:
-        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
-    device = torch.device(device)
+    device = _current_device() if device is None else torch.device(device)
     if device.type != "cuda" and not opts.get("allow_gloo"):
         return lambda: None          # no GPU: nothing to serve, handles carry no transport_address
     host = opts.get("host") or ctx.address.rpartition(":")[0] or "127.0.0.1"

@@ -1,10 +1,13 @@
-"""Conversions between kvtransfer dataclasses and their protobuf messages."""
+"""Conversions between kvtransfer dataclasses and their protobuf messages, and the
+gRPC channel options every worker/KV channel and server uses (torch-free)."""
 
 from __future__ import annotations
 
 from kvtransfer.handle import KVHandle
 from kvtransfer.layout import KVLayout
 from protos.gen import kv_transfer_pb2 as pb
+
+GRPC_OPTIONS = [("grpc.max_receive_message_length", 8 << 20), ("grpc.max_send_message_length", 8 << 20)]
 
 
 def layout_to_pb(layout: KVLayout) -> pb.KVLayout:

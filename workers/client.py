@@ -15,15 +15,12 @@ import grpc
 
 from engine.request import SamplingParams
 from kvtransfer.handle import KVHandle
-from kvtransfer.wire import handle_from_pb, handle_to_pb
+from kvtransfer.wire import GRPC_OPTIONS, handle_from_pb, handle_to_pb
 from protos.gen import worker_pb2 as pb
 from protos.gen import worker_pb2_grpc as pb_grpc
 from workers.errors import WorkerBusy, WorkerError
 from workers.types import DecodeChunk, PrefillResult, WorkerStats
 from workers.wire import chunk_from_pb, params_to_pb, stats_from_pb
-
-_OPTIONS = [("grpc.max_receive_message_length", 8 << 20), ("grpc.max_send_message_length", 8 << 20)]
-
 
 def _map_error(e: grpc.aio.AioRpcError, address: str) -> Exception:
     code, details = e.code(), e.details() or ""
@@ -44,7 +41,7 @@ class WorkerClient:
     @property
     def stub(self) -> pb_grpc.WorkerStub:
         if self._stub is None:
-            self._channel = grpc.aio.insecure_channel(self.address, options=_OPTIONS)
+            self._channel = grpc.aio.insecure_channel(self.address, options=GRPC_OPTIONS)
             self._stub = pb_grpc.WorkerStub(self._channel)
         return self._stub
 

@@ -36,10 +36,11 @@ from typing import Any, Callable
 import grpc
 
 from engine.config import EngineConfig
-from kvtransfer.grpc_transport import GRPC_OPTIONS, ChannelPool
+from kvtransfer.grpc_transport import ChannelPool
 from kvtransfer.handle import KVHandle
 from kvtransfer.layout import KVLayout
 from kvtransfer.registry import ServeContext, available_transports, get_transport
+from kvtransfer.wire import GRPC_OPTIONS
 from protos.gen import worker_pb2_grpc
 from workers.engine_loop import EngineLoop
 from workers.kv_source import EngineKVSource
@@ -101,8 +102,7 @@ class WorkerHost:
     # ---- lifecycle ---------------------------------------------------------------------
     async def start(self) -> str:
         await self.loop.start()
-        spec = await self.loop.call(lambda e: e.kv_spec)
-        self.max_model_len = await self.loop.call(lambda e: e.max_model_len)
+        spec, self.max_model_len, device = await self.loop.call(lambda e: (e.kv_spec, e.max_model_len, e.device))
         self.layout = KVLayout.from_spec(spec, 0, self.engine_config.tensor_parallel_size)
         self.channels = ChannelPool()
         self._server = grpc.aio.server(options=GRPC_OPTIONS)
@@ -117,7 +117,6 @@ class WorkerHost:
             raise OSError(f"cannot bind {self.bind_host}:{self.port}")
         self.port = bound
         self.address = f"{self.advertise_host}:{bound}"
-        device = await self.loop.call(lambda e: e.device)
         source = EngineKVSource(self.loop, self.layout)
         gpu_source = EngineKVSource(self.loop, self.layout, host_copy=False)    # nccl sends from the GPU
         ctx = ServeContext(self.address, self._server, {"grpc": {"on_transfer": self._on_sent,
@@ -196,7 +195,7 @@ class WorkerHost:
 
     # ---- queries ------------------------------------------------------------------------
     async def stats(self) -> WorkerStats:
-        s = await self.loop.call(lambda e: e.stats())
+        s = await self.engine_stats()
         kv = self.metrics.kv_total
         return WorkerStats(
             worker_id=self.worker_id, role=self.role, address=self.address or "", epoch=self.epoch,

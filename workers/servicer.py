@@ -144,10 +144,6 @@ def _get_held(engine, rid: str):
     return engine.get_held(rid)
 
 
-def _stats(engine):
-    return engine.stats()
-
-
 class WorkerServicer(pb_grpc.WorkerServicer):
     def __init__(self, host: "WorkerHost"):
         self.host = host
