@@ -17,46 +17,33 @@ head dim 128, bf16, block size 16, block tables shuffled over the pool):
 - ceilings: device-to-device copy bandwidth (bytes read + written).
 
 ``--sweep`` also times the decode and prefill kernels over tile/warp/stage
-configurations and decode split counts (how the defaults in triton_ops were
-chosen). Results: one JSON with device, versions, commit and command.
+configurations and decode split counts (how the defaults in
+engine/attention/launch_config.py were chosen). Results: one JSON with
+device, versions, commit and command.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.common import environment  # noqa: E402
 from engine.attention import triton_ops  # noqa: E402
 
 H, KH, D, BS = 32, 8, 128, 16
 DTYPE = torch.bfloat16
 
 
-def env_info(args) -> dict:
-    import triton
-    commit = os.environ.get("BATON_COMMIT")
-    if not commit:
-        try:
-            commit = subprocess.check_output(["git", "rev-parse", "HEAD"], text=True,
-                                             stderr=subprocess.DEVNULL).strip()
-        except Exception:
-            commit = "unknown"
+def env_info() -> dict:
     p = torch.cuda.get_device_properties(0)
-    return dict(device=torch.cuda.get_device_name(0), sms=p.multi_processor_count,
-                l2_bytes=getattr(p, "L2_cache_size", None), torch=torch.__version__,
-                triton=triton.__version__, cuda=torch.version.cuda, python=platform.python_version(),
-                commit=commit, command=" ".join([Path(sys.argv[0]).as_posix()] + sys.argv[1:]),
-                time=time.strftime("%Y-%m-%dT%H:%M:%S"))
+    return dict(environment("cuda"), device=torch.cuda.get_device_name(0), sms=p.multi_processor_count,
+                l2_bytes=getattr(p, "L2_cache_size", None), cuda=torch.version.cuda)
 
 
 def graph_time_ms(fn, reps: int = 30) -> float:
@@ -174,7 +161,7 @@ def main() -> None:
                     help="datasheet HBM bandwidth; default 3350 for H100, 4800 for H200")
     args = ap.parse_args()
     torch.manual_seed(0)
-    info = env_info(args)
+    info = env_info()
     nominal = args.nominal_gbs or (4800.0 if "H200" in info["device"] else 3350.0)
     res = dict(env=info, shapes=dict(num_heads=H, num_kv_heads=KH, head_dim=D, block_size=BS, dtype="bfloat16"),
                nominal_hbm_gbs=nominal)

@@ -34,8 +34,9 @@ def environment(device: str = "cpu") -> dict:
     return env
 
 
-def write_result(name: str, payload: dict) -> Path:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"{name}.json"
+def write_result(name: str, payload: dict, out: str | Path | None = None) -> Path:
+    """Write ``payload`` to ``out`` if given, else to ``results/<name>.json``."""
+    path = Path(out) if out else RESULTS / f"{name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=2) + "\n")
     return path

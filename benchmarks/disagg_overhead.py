@@ -187,13 +187,8 @@ def main() -> None:
     payload = {"benchmark": "disagg_overhead", "env": env, "config": cfg, "summary": summary,
                "goal": {"transfer_pct_of_prefill_at_most": 5.0, "met": summary["transfer_pct_of_prefill"] <= 5.0},
                "requests": rows}
-    if args.out:
-        path = Path(args.out)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(payload, indent=2) + "\n")
-        print(f"wrote {path}")
-    elif not smoke:
-        print(f"wrote {write_result('disagg_overhead', payload)}")
+    if args.out or not smoke:
+        print(f"wrote {write_result('disagg_overhead', payload, args.out)}")
 
 
 if __name__ == "__main__":

@@ -255,13 +255,8 @@ def main() -> None:
                  "met_wire": bool(big) and all(r["ratio_wire"] >= 0.8 for r in big),
                  "met_e2e_vs_raw_pull": bool(big) and all(r["ratio_e2e_vs_raw_pull"] >= 0.8 for r in big)},
     }
-    if args.out:
-        path = Path(args.out)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(__import__("json").dumps(payload, indent=2) + "\n")
-        print(f"wrote {path}")
-    elif not smoke:
-        print(f"wrote {write_result('kv_transfer', payload)}")
+    if args.out or not smoke:
+        print(f"wrote {write_result('kv_transfer', payload, args.out)}")
 
 
 if __name__ == "__main__":

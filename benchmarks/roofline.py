@@ -28,20 +28,13 @@ slab is reused only ``distinct`` layers later (20 on H100 at 40 GiB: gigabytes o
 traffic in between, far beyond the 50 MB L2). Sharing blocks *between requests*
 instead would not be faithful: requests of one KV head run concurrently and
 would hit in L2. ``--profile`` adds the top CUDA kernels of one eager step.
-
-``--fused-layers`` routes RMSNorm(+residual), RoPE and SiLU-gating through the
-Triton kernels of ``engine.fused_ops`` by patching ``engine.models`` in this
-process only — a measurement of what wiring them into the layers would give.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -50,6 +43,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.common import environment  # noqa: E402
 from engine.attention.triton_backend import TritonAttention  # noqa: E402
 from engine.attention.triton_ops import attention_flops  # noqa: E402
 from engine.cuda_graphs import CUDAGraphRunner  # noqa: E402
@@ -65,18 +59,8 @@ PEAK_BF16_TFLOPS = 989.0
 
 
 def env_info(preset: str) -> dict:
-    import triton
-    commit = os.environ.get("BATON_COMMIT")
-    if not commit:
-        try:
-            commit = subprocess.check_output(["git", "rev-parse", "HEAD"], text=True,
-                                             stderr=subprocess.DEVNULL).strip()
-        except Exception:
-            commit = "unknown"
-    return dict(device=torch.cuda.get_device_name(0), torch=torch.__version__, triton=triton.__version__,
-                cuda=torch.version.cuda, python=platform.python_version(), commit=commit, model=f"dummy:{preset}",
-                command=" ".join([Path(sys.argv[0]).as_posix()] + sys.argv[1:]),
-                time=time.strftime("%Y-%m-%dT%H:%M:%S"))
+    return dict(environment("cuda"), device=torch.cuda.get_device_name(0), cuda=torch.version.cuda,
+                model=f"dummy:{preset}")
 
 
 class CyclicKVCache(KVCache):
@@ -90,21 +74,6 @@ class CyclicKVCache(KVCache):
     def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         slab = self.tensor[i % self.distinct]
         return slab[0], slab[1]
-
-
-def patch_fused_layers() -> None:
-    """Route the model's elementwise stages through engine.fused_ops (this process only)."""
-    from engine import fused_ops
-    from engine.models import layers, llama
-
-    def norm_forward(self, x, residual=None):
-        if residual is None:
-            return fused_ops.rmsnorm(x, self.weight, self.eps)
-        return fused_ops.add_rmsnorm(x, residual, self.weight, self.eps)
-
-    layers.RMSNorm.forward = norm_forward
-    llama.apply_rotary = fused_ops.rope_
-    llama.silu_and_mul = fused_ops.silu_and_mul
 
 
 def weight_bytes(model) -> tuple[int, int]:
@@ -229,15 +198,11 @@ def main() -> None:
     ap.add_argument("--no-eager", action="store_true", help="skip the eager (no CUDA graph) decode runs")
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--host-profile", action="store_true", help="cProfile of runner.execute (graph mode)")
-    ap.add_argument("--fused-layers", action="store_true", help="patch in engine.fused_ops (see docstring)")
     ap.add_argument("--nominal-gbs", type=float, default=None)
     args = ap.parse_args()
 
     dev = torch.device("cuda")
     info = env_info(args.preset)
-    info["fused_layers"] = args.fused_layers
-    if args.fused_layers:
-        patch_fused_layers()
     nominal = args.nominal_gbs or (4800.0 if "H200" in info["device"] else 3350.0)
     t0 = time.perf_counter()
     config = ModelConfig.from_hf_dict(get_preset(args.preset))

@@ -36,7 +36,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from benchmarks.common import RESULTS
 
 _WORDS = ("the of and to in is was for on that with as by at from his her an which are be this had not but "
           "what all were when we there can more if no out so said time about them than into could state only "

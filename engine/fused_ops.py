@@ -27,9 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-
-def _next_pow2(x: int) -> int:
-    return 1 << max(0, (int(x) - 1).bit_length())
+from engine.attention.launch_config import next_pow2
 
 
 @triton.jit
@@ -66,7 +64,7 @@ def _rmsnorm_launch(x, residual, weight, eps):
     else:
         r2 = res_out = x2
     if T:
-        block = _next_pow2(N)
+        block = next_pow2(N)
         _rmsnorm_kernel[(T,)](x2, r2, weight, out, res_out, eps,
                               x2.stride(0), r2.stride(0), out.stride(0), res_out.stride(0), N,
                               HAS_RES=residual is not None, BLOCK=block,
@@ -124,8 +122,8 @@ def rope_(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
     if T:
         half = D // 2
         _rope_kernel[(T,)](q, k, cos, sin, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
-                           cos.stride(0), H=H, KH=KH, H_P=_next_pow2(H), KH_P=_next_pow2(KH),
-                           HALF=half, HALF_P=_next_pow2(half), num_warps=4)
+                           cos.stride(0), H=H, KH=KH, H_P=next_pow2(H), KH_P=next_pow2(KH),
+                           HALF=half, HALF_P=next_pow2(half), num_warps=4)
     return q, k
 
 
@@ -151,7 +149,7 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     N = N2 // 2
     out = torch.empty((T, N), dtype=x.dtype, device=x.device)
     if T:
-        block = min(2048, _next_pow2(N))
+        block = min(2048, next_pow2(N))
         _silu_mul_kernel[(T, triton.cdiv(N, block))](x2, out, x2.stride(0), out.stride(0), N,
                                                      BLOCK=block, num_warps=4)
     return out.view(*shape[:-1], N)

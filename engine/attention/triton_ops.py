@@ -30,22 +30,27 @@ Three kernels over the paged cache ``[num_blocks, block_size, KH, D]``:
 All kernels accumulate in fp32 (online softmax in base 2), take bf16, fp16
 or fp32 inputs (fp32 dots use IEEE precision, not tf32) and any head dim (padded
 to a power of two). Inputs may be strided views (q/k/v slices of a fused QKV
-projection) as long as the last dimension is contiguous.
+projection) as long as the last dimension is contiguous. Tile sizes, split
+counts and device queries live in ``launch_config`` (re-exported here).
 """
 
 from __future__ import annotations
-
-import functools
 
 import torch
 import triton
 import triton.language as tl
 
+from engine.attention.launch_config import (
+    decode_config,
+    decode_num_splits,
+    max_shared_mem,
+    next_pow2,
+    num_sms,
+    prefill_config,
+    prefill_num_tiles,
+)
+
 _LOG2E = 1.4426950408889634
-
-
-def _next_pow2(x: int) -> int:
-    return 1 << max(0, (int(x) - 1).bit_length())
 
 
 def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
@@ -54,31 +59,6 @@ def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
 
 def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
-
-
-@functools.lru_cache(maxsize=None)
-def _num_sms(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
-def num_sms(device: torch.device) -> int:
-    """SM count of a CUDA device (132 for the CPU interpreter: an H100's)."""
-    if device.type != "cuda":
-        return 132
-    return _num_sms(device.index if device.index is not None else torch.cuda.current_device())
-
-
-@functools.lru_cache(maxsize=None)
-def _max_shared_mem(device_index: int) -> int:
-    from triton.runtime import driver
-    return driver.active.utils.get_device_properties(device_index)["max_shared_mem"]
-
-
-def max_shared_mem(device: torch.device) -> int:
-    """Shared memory one program may use (0 under the CPU interpreter)."""
-    if device.type != "cuda":
-        return 0
-    return _max_shared_mem(device.index if device.index is not None else torch.cuda.current_device())
 
 
 # --------------------------------------------------------------------------- KV store
@@ -117,7 +97,7 @@ def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
         k, v, k_cache, v_cache, slot_mapping,
         k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        BLOCK_SIZE=k_cache.shape[1], KH=KH, HEAD_DIM=D, KH_P=_next_pow2(KH), D_P=_next_pow2(D),
+        BLOCK_SIZE=k_cache.shape[1], KH=KH, HEAD_DIM=D, KH_P=next_pow2(KH), D_P=next_pow2(D),
         num_warps=1 if KH * D <= 1024 else 4)
 
 
@@ -249,30 +229,6 @@ def _decode_merge_kernel(part_o_ptr, part_lse_ptr, out_ptr, qsl_ptr,
                  res.to(out_ptr.dtype.element_ty), mask=offs_d < HEAD_DIM)
 
 
-def decode_num_splits(batch: int, num_kv_heads: int, max_blocks: int, block_size: int,
-                      block_n: int, sms: int, max_splits: int = 64) -> int:
-    """Splits per (request, KV head): enough programs for ~2 waves, from shapes only.
-
-    Capped by the tiles of the longest context the block table can describe,
-    so the value is the same for every step of a CUDA-graph bucket.
-    """
-    want = -(-2 * sms // max(1, batch * num_kv_heads))
-    most = max(1, -(-max_blocks * block_size // block_n))
-    return max(1, min(want, most, max_splits))
-
-
-def decode_config(dtype: torch.dtype, head_dim: int) -> dict:
-    """Tile size and launch shape of the decode kernel.
-
-    From the H100 sweep in benchmarks/results/attention_h100_sweep.json: 64-key
-    tiles, 4 warps, 3 stages are best or within 2% of best from B=8 up; at B=1
-    every config is within 0.5 us of the others.
-    """
-    if dtype == torch.float32:
-        return dict(BLOCK_N=32, num_warps=4, num_stages=2)
-    return dict(BLOCK_N=64 if head_dim <= 128 else 32, num_warps=4, num_stages=3)
-
-
 def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                  block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
                  out: torch.Tensor | None = None, query_start_loc: torch.Tensor | None = None,
@@ -303,20 +259,20 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
         part_lse = torch.empty((B, H, num_splits), dtype=torch.float32, device=q.device)
     else:
         part_o = part_lse = out
-    D_P = _next_pow2(D)
+    D_P = next_pow2(D)
     _decode_kernel[(B, KH, num_splits)](
         q, k_cache, v_cache, block_tables, seq_lens, qsl, out, part_o, part_lse,
         scale * _LOG2E, num_splits,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
-        GROUP=group, BLOCK_H=max(16, _next_pow2(group)), HEAD_DIM=D, D_P=D_P,
+        GROUP=group, BLOCK_H=max(16, next_pow2(group)), HEAD_DIM=D, D_P=D_P,
         BLOCK_SIZE=block_size, BLOCK_N=block_n, SINGLE_SPLIT=num_splits == 1, MIXED=mixed,
         DOT_PREC=_dot_precision(k_cache.dtype), **cfg)
     if num_splits > 1:
         _decode_merge_kernel[(B, H)](
             part_o, part_lse, out, qsl, num_splits, out.stride(0), out.stride(1),
-            HEAD_DIM=D, D_P=D_P, S_P=_next_pow2(num_splits), MIXED=mixed,
-            num_warps=4 if D_P * _next_pow2(num_splits) >= 4096 else 2)
+            HEAD_DIM=D, D_P=D_P, S_P=next_pow2(num_splits), MIXED=mixed,
+            num_warps=4 if D_P * next_pow2(num_splits) >= 4096 else 2)
     return out
 
 
@@ -394,30 +350,6 @@ def _prefill_kernel(q_ptr, kc_ptr, vc_ptr, out_ptr, bt_ptr, seq_lens_ptr, qsl_pt
              o.to(out_ptr.dtype.element_ty), mask=mmask[:, None] & dmask[None, :])
 
 
-def prefill_config(dtype: torch.dtype, head_dim: int, smem: int = 0) -> dict:
-    """Tile sizes and launch shape of the prefill kernel.
-
-    128x128 tiles, 8 warps, 3 stages (165 KB of shared memory at head dim 128)
-    were 13-21% faster than 128x64 on H100 for 1k-8k contexts
-    (benchmarks/results/attention_h100_sweep.json); GPUs with less shared
-    memory per program get 128x64.
-    """
-    if dtype == torch.float32:   # IEEE fp32 dots run on the FMA units: small tiles, no tensor cores
-        if head_dim <= 64:
-            return dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=2)
-        return dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=2)
-    if head_dim <= 64:
-        return dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3)
-    if head_dim <= 128:
-        return dict(BLOCK_M=128, BLOCK_N=128 if smem >= 180_000 else 64, num_warps=8, num_stages=3)
-    return dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2)
-
-
-def prefill_num_tiles(query_lens: list[int], block_m: int) -> int:
-    """Programs per query head: query tiles of the requests with query_len > 1."""
-    return sum(-(-n // block_m) for n in query_lens if n > 1)
-
-
 def paged_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                   block_tables: torch.Tensor, seq_lens: torch.Tensor, query_start_loc: torch.Tensor,
                   query_lens_cpu: list[int], scale: float, out: torch.Tensor | None = None,
@@ -441,8 +373,8 @@ def paged_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
         scale * _LOG2E, B,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
-        GROUP=H // KH, HEAD_DIM=D, D_P=_next_pow2(D), BLOCK_SIZE=block_size,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_B=max(16, _next_pow2(B)),
+        GROUP=H // KH, HEAD_DIM=D, D_P=next_pow2(D), BLOCK_SIZE=block_size,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_B=max(16, next_pow2(B)),
         DOT_PREC=_dot_precision(k_cache.dtype), **cfg)
     return out
 
