@@ -32,7 +32,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from router import schemas
-from router.errors import RequestError
+from router.errors import RequestError, error_body
 from router.service import Delta, Prepared, Service, TokenLogprob, Usage
 
 log = logging.getLogger(__name__)
@@ -58,15 +58,12 @@ def build_app(service: Service, health: Callable[[], tuple[int, dict]], render_m
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_: Request, e: StarletteHTTPException) -> JSONResponse:
         kind = "invalid_request_error" if e.status_code < 500 else "server_error"
-        body = {"error": {"message": str(e.detail), "type": kind, "param": None, "code": None}}
-        return JSONResponse(body, status_code=e.status_code)
+        return JSONResponse(error_body(str(e.detail), kind), status_code=e.status_code)
 
     @app.exception_handler(Exception)
     async def _internal(_: Request, e: Exception) -> JSONResponse:
         log.exception("unhandled error")
-        body = {"error": {"message": f"internal error: {type(e).__name__}", "type": "server_error",
-                          "param": None, "code": None}}
-        return JSONResponse(body, status_code=500)
+        return JSONResponse(_internal_error(e), status_code=500)
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
@@ -142,6 +139,11 @@ async def _until_disconnect(request: Request, work) -> dict | None:
     return task.result()
 
 
+def _internal_error(e: Exception) -> dict:
+    """The body of an unexpected failure: its type only, never its message."""
+    return error_body(f"internal error: {type(e).__name__}", "server_error")
+
+
 def _event(data: dict | str) -> str:
     return f"data: {data if isinstance(data, str) else json.dumps(data, separators=(',', ':'))}\n\n"
 
@@ -162,8 +164,7 @@ async def _sse(service: Service, prepared: Prepared, renderer: "_Renderer") -> A
         yield _event(e.to_body())
     except Exception as e:  # noqa: BLE001 - the stream is open: report, don't crash the connection
         log.exception("stream %s failed", prepared.request_id)
-        yield _event({"error": {"message": f"internal error: {type(e).__name__}", "type": "server_error",
-                                "param": None, "code": None}})
+        yield _event(_internal_error(e))
     finally:
         await stream.aclose()
     yield _event("[DONE]")

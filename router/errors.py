@@ -8,20 +8,25 @@ status, ``grpc_server.py`` into a gRPC status code.
 from __future__ import annotations
 
 
+def error_body(message: str, type: str, param: str | None = None, code: str | None = None) -> dict:
+    """OpenAI's error body: ``{"error": {message, type, param, code}}``."""
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
 class RequestError(Exception):
     status: int = 500
     type: str = "server_error"
     grpc_code: str = "INTERNAL"
+    default_code: str | None = None   # ``code`` when the raiser names none
 
     def __init__(self, message: str, param: str | None = None, code: str | None = None):
         super().__init__(message)
         self.message = message
         self.param = param
-        self.code = code
+        self.code = code if code is not None else self.default_code
 
     def to_body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type,
-                          "param": self.param, "code": self.code}}
+        return error_body(self.message, self.type, self.param, self.code)
 
 
 class InvalidRequest(RequestError):
@@ -42,9 +47,10 @@ class QueueFull(RequestError):
     status = 429
     type = "rate_limit_error"
     grpc_code = "RESOURCE_EXHAUSTED"
+    default_code = "queue_full"
 
     def __init__(self, message: str = "The server is busy: the request queue is full; retry later."):
-        super().__init__(message, code="queue_full")
+        super().__init__(message)
 
 
 class NoWorkerAvailable(RequestError):
@@ -52,9 +58,7 @@ class NoWorkerAvailable(RequestError):
     status = 503
     type = "service_unavailable"
     grpc_code = "UNAVAILABLE"
-
-    def __init__(self, message: str):
-        super().__init__(message, code="no_worker_available")
+    default_code = "no_worker_available"
 
 
 class WorkerFailed(RequestError):
@@ -62,6 +66,4 @@ class WorkerFailed(RequestError):
     status = 502
     type = "server_error"
     grpc_code = "UNAVAILABLE"
-
-    def __init__(self, message: str):
-        super().__init__(message, code="worker_failed")
+    default_code = "worker_failed"

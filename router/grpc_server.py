@@ -63,16 +63,10 @@ def to_openai(request: serving_pb2.GenerateRequest) -> schemas.CompletionRequest
     if kind == "chat":
         if logprobs is not None:
             body.update(logprobs=True, top_logprobs=logprobs)
-        return _validate(body, schemas.ChatCompletionRequest)
+        return schemas.validate(body, schemas.ChatCompletionRequest)
     if logprobs is not None:
         body["logprobs"] = logprobs
-    return _validate(body, schemas.CompletionRequest)
-
-
-def _validate(body: dict, model):
-    import json
-
-    return schemas.parse(json.dumps(body).encode(), model)
+    return schemas.validate(body, schemas.CompletionRequest)
 
 
 def _logprobs(items: list[TokenLogprob] | None) -> list[serving_pb2.TokenLogprob]:
@@ -91,7 +85,7 @@ class ServingServicer(serving_pb2_grpc.ServingServicer):
         self.service = service
         self.max_model_len = max_model_len
 
-    async def _prepare(self, request, stream: bool) -> Prepared:
+    async def _prepare(self, request) -> Prepared:
         req = to_openai(request)
         if isinstance(req, schemas.ChatCompletionRequest):
             return await self.service.prepare_chat(req)
@@ -99,7 +93,7 @@ class ServingServicer(serving_pb2_grpc.ServingServicer):
 
     async def Generate(self, request, context):
         try:
-            prepared = await self._prepare(request, stream=False)
+            prepared = await self._prepare(request)
             n = prepared.num_samples
             texts, ids = [""] * n, [[] for _ in range(n)]
             finish, lps = [""] * n, [[] for _ in range(n)]
@@ -122,7 +116,7 @@ class ServingServicer(serving_pb2_grpc.ServingServicer):
 
     async def GenerateStream(self, request, context):
         try:
-            prepared = await self._prepare(request, stream=True)
+            prepared = await self._prepare(request)
             async for item in self.service.run(prepared):
                 if isinstance(item, Usage):
                     yield serving_pb2.GenerateStreamResponse(request_id=prepared.request_id, usage=_usage(item))

@@ -97,6 +97,11 @@ def parse(body: bytes, model: type[T]) -> T:
         raise InvalidRequest(f"The request body is not valid JSON: {e}", code="invalid_json") from None
     if not isinstance(data, dict):
         raise InvalidRequest("The request body must be a JSON object", code="invalid_json")
+    return validate(data, model)
+
+
+def validate(data: dict, model: type[T]) -> T:
+    """A decoded request body → request model, or ``InvalidRequest`` naming the bad field."""
     try:
         return model.model_validate(data)
     except ValidationError as e:

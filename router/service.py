@@ -175,11 +175,10 @@ class Service:
                 logprobs: int | None, prompt_param: str = "prompt") -> SamplingParams:
         limit = self.max_model_len()
         longest = max(len(p) for p in prompts)
-        what = "messages" if prompt_param == "messages" else "prompt"
         if longest >= limit:
             raise InvalidRequest(f"This model's maximum context length is {limit} tokens. However, your "
-                                 f"{what} has {longest} tokens, leaving no room for a completion. Please "
-                                 f"reduce the length of the {what}.", param=prompt_param,
+                                 f"{prompt_param} has {longest} tokens, leaving no room for a completion. Please "
+                                 f"reduce the length of the {prompt_param}.", param=prompt_param,
                                  code="context_length_exceeded")
         max_tokens = req.max_tokens
         if max_tokens is None:
@@ -187,9 +186,9 @@ class Service:
             max_tokens = min(max_tokens, limit - longest)
         elif isinstance(max_tokens, int) and max_tokens >= 1 and longest + max_tokens > limit:
             raise InvalidRequest(f"This model's maximum context length is {limit} tokens. However, you "
-                                 f"requested {longest + max_tokens} tokens ({longest} in the {what}, "
+                                 f"requested {longest + max_tokens} tokens ({longest} in the {prompt_param}, "
                                  f"{max_tokens} in the completion). Please reduce the length of the "
-                                 f"{what} or completion.", param="max_tokens", code="context_length_exceeded")
+                                 f"{prompt_param} or completion.", param="max_tokens", code="context_length_exceeded")
         if req.seed is not None and not -_INT64 <= req.seed < _INT64:
             raise InvalidRequest("seed must fit in a signed 64-bit integer", param="seed")
         if req.stop_token_ids and any(t >= _INT64 for t in req.stop_token_ids):
