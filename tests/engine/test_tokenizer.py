@@ -140,3 +140,18 @@ def test_incremental_detokenizer_keeps_special_tokens_when_asked(ours):
 def test_tokenizer_module_does_not_import_torch():
     code = "import sys, engine.tokenizer; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_model_names_resolve_to_tokenizers_without_torch():
+    """The router and the model loader share one lookup (engine.tokenizer), and the
+    router reaches it without importing torch."""
+    code = ("import sys; from router.tokenizer import RouterTokenizer; "
+            "from engine.tokenizer import resolve_tokenizer_path as r; "
+            "assert r('smollm2-135m') == r('dummy:llama3-8b') and r('smollm2-135m').suffix == '.gguf'; "
+            "assert str(r('/some/folder')) == '/some/folder'; "
+            "assert 'torch' not in sys.modules, 'torch imported'")
+    subprocess.run([sys.executable, "-c", code], check=True)
+    from engine.models import loader
+    from engine.tokenizer import embedded_gguf_path, resolve_tokenizer_path
+    assert loader.embedded_gguf_path is embedded_gguf_path
+    assert resolve_tokenizer_path("smollm2-135m") == embedded_gguf_path() == smollm2_gguf_path()
