@@ -2,7 +2,8 @@
 
 Lifecycle of a sample (``Orchestrator.generate``):
 
-    ROUTE     hash the prompt (``engine.hashing``, the workers' block size),
+    ROUTE     hash the prompt (``engine.hashing``, the workers' block size; once per
+              prompt: ``n`` sibling samples share the hashes),
               ask the prefix index (one round trip), ask ``policy.route``
       ├─ remote ─▶ PREFILL  ``client.prefill`` on the chosen prefill worker;
       │                     on failure before it answers, the next-best prefill
@@ -45,11 +46,21 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class SampleRequest:
-    """One sample (``params.n == 1``) of a validated, tokenized request."""
+    """One sample (``params.n == 1``) of a validated, tokenized request.
+    ``block_hashes`` (block size → the prompt's chained block hashes) is filled on
+    first use; the ``n`` samples of one prompt share one dict, so the prompt is
+    hashed once per request, not once per sample."""
     request_id: str
     prompt_token_ids: list[int]
     params: SamplingParams
     arrival_time: float = field(default_factory=time.monotonic)
+    block_hashes: dict[int, list[int]] = field(default_factory=dict)
+
+    def hashes(self, block_size: int) -> list[int]:
+        hashes = self.block_hashes.get(block_size)
+        if hashes is None:
+            hashes = self.block_hashes[block_size] = hash_blocks(self.prompt_token_ids, block_size)
+        return hashes
 
 
 @dataclass
@@ -108,7 +119,7 @@ class Orchestrator:
         usable = [v for v in views.values() if v.healthy and not v.draining]
         if not any(v.role in ("decode", "colocated") for v in usable):
             raise NoWorkerAvailable("no healthy decode or colocated worker is available")
-        cached = await self._match(req.prompt_token_ids, usable)
+        cached = await self._match(req, usable)
         states = [policy.WorkerState(
             worker_id=v.worker_id, role=v.role, healthy=v.healthy, draining=v.draining,
             num_running=v.stats.num_running if v.stats else 0,
@@ -125,14 +136,14 @@ class Orchestrator:
             raise NoWorkerAvailable(str(e)) from None
         return decision, views
 
-    async def _match(self, token_ids: list[int], views: list[WorkerView]) -> dict[str, int]:
+    async def _match(self, req: SampleRequest, views: list[WorkerView]) -> dict[str, int]:
         """Leading cached blocks per worker: one index round trip per distinct block size."""
         by_size: dict[int, list[str]] = defaultdict(list)
         for v in views:
             by_size[v.block_size].append(v.worker_id)
         cached: dict[str, int] = {}
         for block_size, ids in by_size.items():
-            hashes = hash_blocks(token_ids, block_size)
+            hashes = req.hashes(block_size)
             if hashes:
                 cached.update(await self.index.match(hashes, ids))
         return cached

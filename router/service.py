@@ -14,7 +14,8 @@ Lifecycle of a request:
 
 Decision — ``n > 1`` fans out: ``n`` independent samples, each its own request
 on the cluster (routed on its own; the prefix index sends the siblings where
-the prompt is now cached). With a ``seed``, sample ``i`` uses ``seed + i`` so the
+the prompt is now cached). The siblings share one cache of the prompt's block
+hashes (``Prepared.block_hashes``), so a prompt is hashed once per request. With a ``seed``, sample ``i`` uses ``seed + i`` so the
 samples differ yet are reproducible. Choice index = ``prompt_index * n + i``
 (OpenAI's order for a list of prompts).
 
@@ -62,6 +63,12 @@ class Prepared:
     top_logprobs: int | None = None   # None: no logprobs
     created: int = field(default_factory=lambda: int(time.time()))
     arrival: float = field(default_factory=time.monotonic)
+    # per prompt: its block hashes by block size, shared by the prompt's n samples
+    block_hashes: list[dict[int, list[int]]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.block_hashes:
+            self.block_hashes = [{} for _ in self.prompts]
 
     @property
     def num_samples(self) -> int:
@@ -248,7 +255,8 @@ class Service:
         prompt = prepared.prompts[prompt_index]
         base = prepared.params
         params = replace(base, n=1, seed=None if base.seed is None else base.seed + i)
-        sample = SampleRequest(f"{prepared.request_id}-{index}", prompt, params, prepared.arrival)
+        sample = SampleRequest(f"{prepared.request_id}-{index}", prompt, params, prepared.arrival,
+                               prepared.block_hashes[prompt_index])
         text = SampleText(self.tokenizer.detokenizer(prompt, params.skip_special_tokens), params.stop,
                           self.tokenizer.eos_token_ids, params.ignore_eos)
         last = None

@@ -168,6 +168,34 @@ def test_stop_strings_n_seeds_and_logprobs(oai):
     assert content[0].logprob == max(t.logprob for t in content[0].top_logprobs)   # greedy: the top token
 
 
+def test_the_n_samples_of_a_prompt_share_one_hashing(live_cluster, tokenizer):
+    """n=3 samples of each of two prompts: each prompt is hashed once (per block size) and its
+    hashes shared by its samples, which all complete."""
+    from router.config import RouterConfig
+    from router.directory import StaticWorkerDirectory, WorkerView
+    from router.schemas import CompletionRequest
+    from router.server import build_router
+    from router.service import Delta
+
+    views = [WorkerView(w, h.role, h.address) for w, h in live_cluster.hosts.items()]
+    a, b = prompt(22, 40), prompt(23, 70)
+
+    async def run():
+        config = RouterConfig(model=LIVE_MODEL, max_model_len=512, local_prefill_threshold=32, grpc_port=0)
+        app, _ = build_router(config, tokenizer=tokenizer, directory=StaticWorkerDirectory(views))
+        state = app.state.router
+        prepared = await state.service.prepare_completion(CompletionRequest(
+            model=LIVE_MODEL, prompt=[a, b], n=3, max_tokens=2, temperature=1.0, seed=5, ignore_eos=True))
+        out = [x async for x in state.service.run(prepared)]
+        await state.close()
+        return prepared, out
+
+    prepared, out = live_cluster.call(run())
+    finished = sorted(d.index for d in out if isinstance(d, Delta) and d.finish_reason)
+    assert finished == list(range(6)) and out[-1].completion_tokens == 12
+    assert prepared.block_hashes == [{16: hash_blocks(a, 16)}, {16: hash_blocks(b, 16)}]
+
+
 def test_bad_input_is_a_400_with_an_openai_error(oai):
     with pytest.raises(openai.BadRequestError) as e:
         oai.completions.create(model=LIVE_MODEL, prompt=prompt(8, 10), max_tokens=600)
