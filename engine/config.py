@@ -56,8 +56,17 @@ class EngineConfig:
     """Prefill mode: a held request not released within this many seconds is freed."""
     tensor_parallel_size: int = 1
     """TP ranks, one process each; this engine is rank 0 (see engine/tp_executor.py)."""
+    async_scheduling: bool | None = None
+    """Schedule and prepare step N+1 while step N runs on the device (one step in
+    flight). None: on for CUDA at TP=1 unless ``mode='prefill'``."""
     hf_overrides: dict = field(default_factory=dict, hash=False, compare=False)
     """Extra config fields for dummy presets (e.g. ``num_hidden_layers``)."""
+
+    @property
+    def use_async_scheduling(self) -> bool:
+        if self.async_scheduling is not None:
+            return self.async_scheduling
+        return self.device.startswith("cuda") and self.mode == "both" and self.tensor_parallel_size == 1
 
     @property
     def torch_dtype(self):
@@ -88,5 +97,7 @@ class EngineConfig:
             raise ValueError("gpu_memory_utilization must be in (0, 1]")
         if self.tensor_parallel_size < 1:
             raise ValueError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
+        if self.async_scheduling and (self.mode == "prefill" or self.tensor_parallel_size > 1):
+            raise ValueError("async_scheduling needs mode='both' and tensor_parallel_size=1")
         if not (self.device == "cpu" or self.device.startswith("cuda")):
             raise ValueError(f"device must be cpu or cuda[:N], got {self.device!r}")

@@ -17,6 +17,14 @@ Decisions:
   held back while it could still be the start of a stop string.
 - The usable context is ``min(max_model_len, num_kv_blocks * block_size)``,
   so a request can always finish even alone in the pool.
+- Async scheduling (``EngineConfig.async_scheduling``, default on CUDA): one
+  step stays in flight. ``step()`` schedules step N+1 — a request whose step-N
+  sample is not known yet gets a PLACEHOLDER token the runner fills from step
+  N's sampled ids on the device — launches it, and only then waits for step N's
+  ids, updates and returns step N's outputs; the host work of one step hides
+  behind the device work of the next. A request that step N finishes (EOS, stop
+  string) has computed one wasted token in N+1, which ``update`` ignores;
+  finishes by length are foreseen and not scheduled.
 - ``tensor_parallel_size > 1``: this engine is rank 0 of a TP group; the
   scheduler, block manager, sampler and tokenizer live here only, and every
   step's runner inputs are replayed by the other ranks
@@ -65,7 +73,8 @@ class LLMEngine:
         self._groups: dict[str, list[Request]] = {}      # request_id → its samples
         self._detok: dict[str, object] = {}              # per sample: IncrementalDetokenizer
         self._sent: dict[str, tuple[int, int]] = {}      # per sample: (tokens, chars) already streamed
-        self._max_stop = 0
+        self._inflight = None                            # async scheduling: the step on the device
+        self._async = config.use_async_scheduling
 
     def _build(self, config: EngineConfig, load_model, tp) -> None:
         loaded = load_model(config.model, self.dtype, self.device, seed=config.seed,
@@ -145,21 +154,30 @@ class LLMEngine:
             from engine.tokenizer import IncrementalDetokenizer
             self._detok[rid] = IncrementalDetokenizer(self.tokenizer, prompt_ids, params.skip_special_tokens)
         self._sent[rid] = (0, 0)
-        self._max_stop = max([self._max_stop] + [len(s) for s in params.stop])
         return req
 
     # ---- the loop -----------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        """One scheduling step. With async scheduling the step scheduled now is
+        launched and the outputs returned are those of the step launched by the
+        previous call (its host work overlaps this step's device work)."""
         sched = self.scheduler.schedule()
-        result = self.runner.execute(sched, self.scheduler.requests)
-        return self._process(self.scheduler.update(sched, result))
+        if not self._async:
+            result = self.runner.execute(sched, self.scheduler.requests)
+            return self._process(self.scheduler.update(sched, result))
+        prev, self._inflight = self._inflight, None
+        if not sched.is_empty:
+            self._inflight = self.runner.launch(sched, self.scheduler.requests, prev)
+        if prev is None:
+            return []
+        return self._process(self.scheduler.update(prev.sched, self.runner.collect(prev)))
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self._inflight is not None or self.scheduler.has_unfinished()
 
     def has_schedulable(self) -> bool:
         """True when ``step()`` has work now (requests whose KV is in flight excluded)."""
-        return self.scheduler.has_schedulable()
+        return self._inflight is not None or self.scheduler.has_schedulable()
 
     def generate(self, prompts, params: SamplingParams | list[SamplingParams] | None = None) -> list[RequestOutput]:
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
@@ -214,21 +232,20 @@ class LLMEngine:
         det = self._detok.get(req.request_id)
         if det is None:
             return
-        sent_tokens = getattr(req, "_detok_tokens", 0)
-        new = req.output_token_ids[sent_tokens:]
-        req._detok_tokens = req.num_output_tokens
+        new = req.output_token_ids[req.num_detokenized:]
+        req.num_detokenized = req.num_output_tokens
         if new and new[-1] in req.eos_token_ids and not req.params.ignore_eos:
             new = new[:-1]
         det.step(new)
-        if req.params.stop and getattr(req, "_text_cut", None) is None:
+        if req.params.stop and req.text_cut is None:
             text = det.text
-            window = text[max(0, self._sent[req.request_id][1] - self._max_stop):]
+            window = text[max(0, self._sent[req.request_id][1] - req.stop_holdback - 1):]
             for s in req.params.stop:
                 at = window.find(s)
                 if at >= 0:
                     cut = len(text) - len(window) + at
                     req.stop_reason = s
-                    req._text_cut = cut
+                    req.text_cut = cut
                     if req.is_finished:        # finished by length on the same token
                         req.status = RequestStatus.FINISHED_STOPPED
                     self.scheduler.finish(req, RequestStatus.FINISHED_STOPPED)
@@ -238,8 +255,7 @@ class LLMEngine:
         det = self._detok.get(req.request_id)
         if det is None:
             return ""
-        cut = getattr(req, "_text_cut", None)
-        return det.text if cut is None else det.text[:cut]
+        return det.text if req.text_cut is None else det.text[:req.text_cut]
 
     def _group_output(self, gid: str) -> RequestOutput | None:
         samples = self._groups.get(gid)
@@ -257,7 +273,7 @@ class LLMEngine:
         first = samples[0]
         n_tok, n_chr = self._sent[first.request_id]
         text0 = outs[0].text
-        visible = len(text0) if first.is_finished or held else max(n_chr, len(text0) - max(0, self._max_stop - 1))
+        visible = len(text0) if first.is_finished or held else max(n_chr, len(text0) - first.stop_holdback)
         out = RequestOutput(
             request_id=gid, prompt_token_ids=first.prompt_token_ids, outputs=outs,
             finished=finished or held, num_cached_tokens=first.num_cached_tokens,
@@ -316,7 +332,7 @@ class LLMEngine:
         if not 0 <= first_token < self.model_config.vocab_size:
             raise ValueError("first_token out of the vocabulary")
         req = self._new_request(request_id, ids, params, 0, None)
-        req._first_token = first_token
+        req.first_token = first_token
         try:
             num_blocks, num_tokens = self.scheduler.add_with_kv(req)
         except MemoryError:
@@ -341,7 +357,7 @@ class LLMEngine:
         if not ok:
             self.abort(request_id)
             return []
-        self.scheduler.finish_kv(req, req._first_token, first_logprob)
+        self.scheduler.finish_kv(req, req.first_token, first_logprob)
         return self._process([req])
 
     # ---- observability ------------------------------------------------------------------

@@ -1,23 +1,44 @@
 """SchedulerOutput → tensors → model → sampler.
 
-Lifecycle of one step: ``execute(sched)`` runs the scheduler's block copies
-(copy-on-write), flattens the scheduled requests' tokens into one batch,
-builds the AttentionMetadata, runs the model under ``forward_context``,
+Lifecycle of one step: ``launch(sched, requests, prev)`` runs the scheduler's
+block copies (copy-on-write), flattens the scheduled requests' tokens into one
+batch (PLACEHOLDER tokens are filled on the device from ``prev``'s sampled
+ids), builds the AttentionMetadata, runs the model under ``forward_context``,
 takes the last hidden state of every request that samples this step, computes
-its logits (``run``: what every tensor-parallel rank replays) and samples. Decode-only batches may be replayed from a captured
-CUDA graph (``engine.cuda_graphs``) when one is installed.
+its logits (``run``: what every tensor-parallel rank replays), samples on the
+device and queues the copy of the sampled ids to pinned host memory → returns
+an ``InflightStep`` at once → ``collect(step)`` waits for that copy only and
+returns the RunnerOutput. ``execute`` = both, back to back. Decode-only
+batches may be replayed from a captured CUDA graph (``engine.cuda_graphs``)
+when one is installed.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from engine.attention.metadata import AttentionMetadata, forward_context
 from engine.kv_cache import KVCache
-from engine.outputs import RunnerOutput, SchedulerOutput
+from engine.outputs import PLACEHOLDER, RunnerOutput, SchedulerOutput
 from engine.request import Request
 from engine.sampler import Sampler
+
+
+@dataclass
+class InflightStep:
+    """A launched step: what was scheduled, who samples (row order), the sampled
+    tensors on the device and their host copies (filled when the step samples)."""
+    sched: SchedulerOutput
+    reqs: list[Request]
+    sampled: list[torch.Tensor] | None = None
+    host: list[torch.Tensor] | None = None
+    event: object = None            # torch.cuda.Event recorded after the host copies
+
+    def row_of(self) -> dict[str, int]:
+        return {r.request_id: i for i, r in enumerate(self.reqs)}
 
 
 class ModelRunner:
@@ -32,6 +53,7 @@ class ModelRunner:
         self.sampler = Sampler()
         self.graphs = None          # engine.cuda_graphs.CUDAGraphRunner, set by the engine on GPU
         self._pin = device.type == "cuda"
+        self._prev: InflightStep | None = None     # set by ``launch`` while ``run`` prepares
 
     def prepare(self, sched: SchedulerOutput) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
         """Host-side batch building in numpy (a nested-list ``torch.tensor`` of the
@@ -47,9 +69,12 @@ class ModelRunner:
         seq_lens = [st + n for st, n in zip(starts, query_lens)]
         T = sum(query_lens)
         width = max(len(s.block_ids) for s in reqs)
-        i64 = np.empty(3 * T, dtype=np.int64)
+        fill = self._placeholders(sched)
+        P = len(fill) // 2
+        i64 = np.empty(3 * T + 2 * P, dtype=np.int64)
         i32 = np.zeros(2 * B + 1 + B * width, dtype=np.int32)
-        ids, positions, slots = i64[:T], i64[T:2 * T], i64[2 * T:]
+        ids, positions, slots = i64[:T], i64[T:2 * T], i64[2 * T:3 * T]
+        i64[3 * T:] = fill
         sl, qsl, tables = i32[:B], i32[B:2 * B + 1], i32[2 * B + 1:].reshape(B, width)
         for i, s in enumerate(reqs):
             tables[i, :len(s.block_ids)] = s.block_ids
@@ -72,11 +97,30 @@ class ModelRunner:
             return x.to(self.device, non_blocking=True)
 
         d64, d32 = to_device(i64), to_device(i32)
+        if P:       # placeholders ← the in-flight step's sampled ids, on the device
+            d64[:T].index_copy_(0, d64[3 * T:3 * T + P], self._prev.sampled[0].index_select(0, d64[3 * T + P:]))
         meta = AttentionMetadata(
-            slot_mapping=d64[2 * T:], query_start_loc=d32[B:2 * B + 1], seq_lens=d32[:B],
+            slot_mapping=d64[2 * T:3 * T], query_start_loc=d32[B:2 * B + 1], seq_lens=d32[:B],
             block_tables=d32[2 * B + 1:].view(B, width), max_query_len=max(query_lens),
             max_seq_len=max(seq_lens), query_lens_cpu=query_lens, seq_lens_cpu=seq_lens)
         return d64[:T], d64[T:2 * T], meta
+
+    def _placeholders(self, sched: SchedulerOutput) -> list[int]:
+        """[flat positions of PLACEHOLDER tokens..., their rows in the previous
+        step's sampled ids...]; a placeholder is always its request's last token."""
+        dst, src = [], []
+        end = 0
+        rows = None
+        for s in sched.requests:
+            end += len(s.token_ids)
+            if s.token_ids[-1] == PLACEHOLDER:
+                if rows is None:
+                    if self._prev is None or self._prev.sampled is None:
+                        raise RuntimeError("a placeholder token without a step in flight")
+                    rows = self._prev.row_of()
+                dst.append(end - 1)
+                src.append(rows[s.request_id])
+        return dst + src
 
     @torch.inference_mode()
     def forward(self, input_ids, positions, meta: AttentionMetadata) -> torch.Tensor:
@@ -87,6 +131,15 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput, requests: dict[str, Request]) -> RunnerOutput:
+        """One step, synchronously."""
+        return self.collect(self.launch(sched, requests))
+
+    @torch.inference_mode()
+    def launch(self, sched: SchedulerOutput, requests: dict[str, Request],
+               prev: InflightStep | None = None) -> InflightStep:
+        """Queue a step's device work (forward, logits, sampling, the copy of the
+        sampled ids to pinned host memory) without waiting for it. ``prev``: the
+        step still in flight, whose sampled ids fill this step's PLACEHOLDER tokens."""
         rows, reqs = [], []
         end = 0
         for s in sched.requests:
@@ -94,11 +147,35 @@ class ModelRunner:
             if s.sample and s.request_id in requests:
                 rows.append(end - 1)
                 reqs.append(requests[s.request_id])
-        logits = self.run(sched, rows)
+        step = InflightStep(sched, reqs)
+        self._prev = prev
+        try:
+            logits = self.run(sched, rows)
+        finally:
+            self._prev = None
         if logits is None:
+            return step
+        step.sampled = self.sampler.sample(logits, reqs)
+        step.host = [self._to_host(t) for t in step.sampled]
+        if self.device.type == "cuda":
+            step.event = torch.cuda.Event()
+            step.event.record()
+        return step
+
+    def collect(self, step: InflightStep) -> RunnerOutput:
+        """Wait for ``step``'s sampled ids (not for anything queued after it)."""
+        if step.host is None:
             return RunnerOutput()
-        sampled = self.sampler(logits, reqs)
-        return RunnerOutput(sampled={r.request_id: tok for r, tok in zip(reqs, sampled)})
+        if step.event is not None:
+            step.event.synchronize()
+        sampled = self.sampler.tokens(step.host, step.reqs)
+        return RunnerOutput(sampled={r.request_id: tok for r, tok in zip(step.reqs, sampled)})
+
+    def _to_host(self, t: torch.Tensor) -> torch.Tensor:
+        if self.device.type == "cpu":
+            return t
+        out = torch.empty(t.shape, dtype=t.dtype, pin_memory=self._pin)
+        return out.copy_(t, non_blocking=True)
 
     @torch.inference_mode()
     def run(self, sched: SchedulerOutput, rows: list[int]) -> torch.Tensor | None:

@@ -5,11 +5,17 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 
+PLACEHOLDER = -1
+"""A token id in ``ScheduledRequest.token_ids`` not known on the host yet: the
+request's sample of the step still in flight (async scheduling). The runner
+takes it from that step's sampled ids on the device."""
+
+
 @dataclass
 class ScheduledRequest:
     """One request's slice of a step: compute tokens [start, start+num_tokens)."""
     request_id: str
-    token_ids: list[int]        # the tokens to feed this step
+    token_ids: list[int]        # the tokens to feed this step (the last may be PLACEHOLDER)
     start_pos: int              # position of token_ids[0] (= num_computed_tokens before the step)
     block_ids: list[int]        # the request's whole block table
     sample: bool                # True when this step reaches the end of the request's tokens

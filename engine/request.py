@@ -107,6 +107,19 @@ class Request:
         self.held_since: float | None = None
         self.generator = None               # torch.Generator for seeded sampling (set by the engine)
         self.pending_children: list[Request] = []   # n > 1: samples forked when this prompt is done
+        # scheduled but not yet through ``Scheduler.update`` (async scheduling keeps one
+        # step in flight): tokens being computed, and samples whose token is not known yet
+        self.num_inflight_tokens = 0
+        self.num_inflight_samples = 0
+        # the engine's output processing
+        self.num_detokenized = 0            # output tokens fed to the detokenizer
+        self.text_cut: int | None = None    # text length when a stop string matched
+        self.first_token: int | None = None  # decode side: first token sampled by the prefill side
+
+    @property
+    def stop_holdback(self) -> int:
+        """Characters a stream holds back: a stop string could still be starting there."""
+        return max((len(s) for s in self.params.stop), default=1) - 1
 
     @property
     def num_tokens(self) -> int:
@@ -123,6 +136,16 @@ class Request:
     @property
     def is_finished(self) -> bool:
         return self.status.is_finished
+
+    @property
+    def num_scheduled_tokens(self) -> int:
+        """Tokens computed or being computed (the next step starts here)."""
+        return self.num_computed_tokens + self.num_inflight_tokens
+
+    @property
+    def num_expected_tokens(self) -> int:
+        """Tokens once the in-flight samples land (their ids are placeholders until then)."""
+        return len(self.token_ids) + self.num_inflight_samples
 
     def __repr__(self) -> str:
         return (f"Request({self.request_id!r}, {self.status.name}, tokens={self.num_tokens}, "

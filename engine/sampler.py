@@ -5,8 +5,9 @@ Random sampling uses the exponential race: ``argmax(p / E)`` with ``E ~ Exp(1)``
 draws from ``p`` without a cumulative sum or a host sync. A seeded request draws
 its ``E`` from its own ``torch.Generator`` so its output is reproducible whatever
 it is batched with. Logprobs are those of the model's raw distribution (before
-temperature and truncation), as vLLM reports them. The only host transfer is
-one ``tolist()`` of the chosen ids (and of the logprobs when asked for).
+temperature and truncation), as vLLM reports them. ``sample`` only launches
+device work; ``tokens`` reads the results (the runner copies them to pinned
+host memory first, so only that copy is waited for).
 """
 
 from __future__ import annotations
@@ -19,22 +20,37 @@ from engine.request import Request
 
 class Sampler:
     def __call__(self, logits: torch.Tensor, reqs: list[Request]) -> list[SampledToken]:
+        return self.tokens(self.sample(logits, reqs), reqs)
+
+    def sample(self, logits: torch.Tensor, reqs: list[Request]) -> list[torch.Tensor]:
+        """The chosen ids on the device, then — only when a request asks for logprobs —
+        their logprobs and the top-k logprobs and ids. Launches work; no host sync."""
         logits = logits.float()
         ids = self._sample(logits, reqs)
         want = [r.params.logprobs for r in reqs]
         if all(w is None for w in want):
-            return [SampledToken(t) for t in ids.tolist()]
+            return [ids]
         logprobs = torch.log_softmax(logits, dim=-1)
-        chosen = logprobs.gather(1, ids[:, None]).squeeze(1).tolist()
+        chosen = logprobs.gather(1, ids[:, None]).squeeze(1)
         k = max(w or 0 for w in want)
-        top_vals, top_ids = (logprobs.topk(k, dim=-1) if k > 0 else (None, None))
+        if k == 0:
+            return [ids, chosen]
+        top_vals, top_ids = logprobs.topk(k, dim=-1)
+        return [ids, chosen, top_vals, top_ids]
+
+    @staticmethod
+    def tokens(tensors: list[torch.Tensor], reqs: list[Request]) -> list[SampledToken]:
+        """``sample``'s tensors (on any device; host copies avoid a sync) → tokens."""
+        ids = tensors[0].tolist()
+        if len(tensors) == 1:
+            return [SampledToken(t) for t in ids]
+        chosen = tensors[1].tolist()
+        top_vals, top_ids = (tensors[2].tolist(), tensors[3].tolist()) if len(tensors) > 2 else (None, None)
         out = []
-        for i, (tok, lp, w) in enumerate(zip(ids.tolist(), chosen, want)):
-            top = None
+        for i, (tok, lp, r) in enumerate(zip(ids, chosen, reqs)):
+            w, top = r.params.logprobs, None
             if w is not None:
-                top = {}
-                if w > 0:
-                    top = dict(zip(top_ids[i, :w].tolist(), top_vals[i, :w].tolist()))
+                top = dict(zip(top_ids[i][:w], top_vals[i][:w])) if w > 0 else {}
                 top.setdefault(tok, lp)
             out.append(SampledToken(tok, lp, top))
         return out

@@ -19,7 +19,7 @@ from collections import deque
 
 from engine.block_manager import BlockManager
 from engine.hashing import hash_blocks
-from engine.outputs import HeldRequest, RunnerOutput, ScheduledRequest, SchedulerOutput
+from engine.outputs import PLACEHOLDER, HeldRequest, RunnerOutput, ScheduledRequest, SchedulerOutput
 from engine.request import Request, RequestStatus
 
 
@@ -62,9 +62,9 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
-            n = min(req.num_tokens - req.num_computed_tokens, budget)
-            if n <= 0:          # nothing to compute (cannot happen for running requests)
-                i += 1
+            n = min(req.num_expected_tokens - req.num_scheduled_tokens, budget)
+            if n <= 0 or self._will_finish_by_length(req):
+                i += 1          # nothing to compute, or its in-flight sample ends it
                 continue
             while not self._reserve(req, n):
                 victim = self.running.pop()
@@ -73,7 +73,7 @@ class Scheduler:
                 if victim is req:
                     break
             else:
-                out.copy_blocks += self.block_manager.prepare_write(req, req.num_computed_tokens)
+                out.copy_blocks += self.block_manager.prepare_write(req, req.num_scheduled_tokens)
                 self._emit(out, req, n)
                 budget -= n
                 i += 1
@@ -103,24 +103,36 @@ class Scheduler:
         return out
 
     def _reserve(self, req: Request, n: int, cached: list[int] = (), absolute: bool = False) -> bool:
-        """Blocks for ``req`` to hold its computed tokens + ``n`` more (or ``n`` in
+        """Blocks for ``req`` to hold its scheduled tokens + ``n`` more (or ``n`` in
         total when ``absolute``), plus one for a copy-on-write if needed."""
-        total = n if absolute else req.num_computed_tokens + n
+        total = n if absolute else req.num_scheduled_tokens + n
         bm = self.block_manager
-        need = bm.blocks_needed(req, total, cached) + bm.num_cow_blocks(req, req.num_computed_tokens)
+        need = bm.blocks_needed(req, total, cached) + bm.num_cow_blocks(req, req.num_scheduled_tokens)
         if not bm.can_allocate(need, cached):
             return False
         return bm.allocate(req, total, cached)
 
+    def _will_finish_by_length(self, req: Request) -> bool:
+        """An in-flight sample will end ``req`` by max_tokens / context length (async)."""
+        return req.num_inflight_samples > 0 and (
+            req.num_output_tokens + req.num_inflight_samples >= req.params.max_tokens
+            or req.num_expected_tokens >= self.max_model_len)
+
     def _emit(self, out: SchedulerOutput, req: Request, n: int) -> None:
-        start = req.num_computed_tokens
+        start = req.num_scheduled_tokens
+        ids = req.token_ids[start:start + n]
+        ids += [PLACEHOLDER] * (n - len(ids))     # the in-flight sample (async scheduling)
+        sample = start + n == req.num_expected_tokens
         out.requests.append(ScheduledRequest(
-            request_id=req.request_id, token_ids=req.token_ids[start:start + n], start_pos=start,
-            block_ids=list(req.block_ids), sample=start + n == req.num_tokens))
+            request_id=req.request_id, token_ids=ids, start_pos=start,
+            block_ids=list(req.block_ids), sample=sample))
+        req.num_inflight_tokens += n
+        req.num_inflight_samples += sample
 
     def _preempt(self, req: Request, out: SchedulerOutput) -> None:
         self.block_manager.free(req)
         req.num_computed_tokens = 0
+        req.num_inflight_tokens = req.num_inflight_samples = 0   # its in-flight step is ignored
         req.status = RequestStatus.PREEMPTED
         self.waiting.appendleft(req)
         self.num_preemptions += 1
@@ -134,8 +146,10 @@ class Scheduler:
         for s in sched.requests:
             req = self.requests.get(s.request_id)
             if req is None or req.status != RequestStatus.RUNNING:
-                continue          # aborted between schedule and update
+                continue          # finished, aborted or preempted since it was scheduled
             req.num_computed_tokens += len(s.token_ids)
+            req.num_inflight_tokens -= len(s.token_ids)
+            req.num_inflight_samples -= s.sample
             self.block_manager.cache_full_blocks(req)
             tok = result.sampled.get(s.request_id)
             if tok is None:

@@ -24,16 +24,17 @@ def llama_case(tiny_llama):
     return tiny_llama, prompts, hf_greedy(tiny_llama, prompts, GREEDY.max_tokens)
 
 
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
 @pytest.mark.parametrize("block_size,budget,num_blocks", [
     (16, 2048, None),      # plain batch
     (8, 2048, None),       # prompts crossing many block boundaries
     (8, 20, None),         # token budget forces chunked prefill
     (8, 64, 12),           # 96 slots for 5 requests: forces preemption
 ])
-def test_tiny_llama_gqa_matches_transformers(llama_case, block_size, budget, num_blocks):
+def test_tiny_llama_gqa_matches_transformers(llama_case, block_size, budget, num_blocks, async_scheduling):
     path, prompts, expected = llama_case
     eng = LLMEngine(EngineConfig(model=str(path), block_size=block_size, max_num_batched_tokens=budget,
-                                 num_kv_blocks=num_blocks, max_num_seqs=8))
+                                 num_kv_blocks=num_blocks, max_num_seqs=8, async_scheduling=async_scheduling))
     outs = eng.generate(prompts, GREEDY)
     assert [o.token_ids for o in outs] == expected
     if num_blocks == 12:
