@@ -113,10 +113,16 @@ class KVTransferServicer(pb_grpc.KVTransferServicer):
 
 
 class ChannelPool:
-    """grpc.aio channels by address, shared by a process's receivers and clients."""
+    """One grpc.aio channel per peer address, shared by a process's KV receivers and
+    worker clients: a decode worker's pulls from a holder and its Release calls to it
+    ride one channel (one connection). Made on first use; ``discard(address)`` when
+    the peer left (the channel closes once the RPCs still on it end, or after
+    ``close_grace_s``); ``close()`` at shutdown."""
 
-    def __init__(self) -> None:
+    def __init__(self, close_grace_s: float = 5.0) -> None:
+        self.close_grace_s = close_grace_s
         self._channels: dict[str, grpc.aio.Channel] = {}
+        self._closing: set[asyncio.Task] = set()
 
     def get(self, address: str) -> grpc.aio.Channel:
         ch = self._channels.get(address)
@@ -124,10 +130,22 @@ class ChannelPool:
             ch = self._channels[address] = grpc.aio.insecure_channel(address, options=GRPC_OPTIONS)
         return ch
 
+    def __contains__(self, address: str) -> bool:
+        return address in self._channels
+
+    def discard(self, address: str) -> None:
+        ch = self._channels.pop(address, None)
+        if ch is not None:
+            task = asyncio.get_running_loop().create_task(ch.close(self.close_grace_s))
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
+
     async def close(self) -> None:
         channels, self._channels = list(self._channels.values()), {}
         for ch in channels:
             await ch.close()
+        if self._closing:
+            await asyncio.gather(*list(self._closing), return_exceptions=True)
 
 
 class GrpcKVReceiver(KVReceiver):

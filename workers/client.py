@@ -1,6 +1,7 @@
 """WorkerClient: the async client of one worker (docs/contracts.md), used by the router.
 
-Torch-free. One grpc.aio channel per client, opened lazily in the running loop.
+Torch-free. One grpc.aio channel per client, opened lazily in the running loop,
+or a shared one passed in (``channel=``; the client then never closes it).
 gRPC errors map to Python: INVALID_ARGUMENT → ValueError, RESOURCE_EXHAUSTED →
 WorkerBusy, anything else → WorkerError (``.code`` holds the status name).
 Breaking out of a ``decode``/``generate`` iteration cancels the stream, which
@@ -32,11 +33,14 @@ def _map_error(e: grpc.aio.AioRpcError, address: str) -> Exception:
 
 
 class WorkerClient:
-    def __init__(self, address: str, *, timeout_s: float | None = None):
+    def __init__(self, address: str, *, timeout_s: float | None = None,
+                 channel: grpc.aio.Channel | None = None):
         self.address = address
         self.timeout_s = timeout_s          # deadline for unary calls (None: none)
         self._channel: grpc.aio.Channel | None = None
         self._stub: pb_grpc.WorkerStub | None = None
+        if channel is not None:             # borrowed: its owner closes it
+            self._stub = pb_grpc.WorkerStub(channel)
 
     @property
     def stub(self) -> pb_grpc.WorkerStub:

@@ -10,7 +10,9 @@ Lifecycle:
   engine is on a GPU — its rendezvous store goes into this worker's handles);
   optional /metrics HTTP port;
   optional prefix-index writer on the block-event hook; returns the address →
-  serving → ``await stop()``: the server stops (in-flight rpcs are cancelled,
+  serving (one gRPC channel per peer holder, ``channels``: KV pulls and
+  Release share it; it closes when the holder is found gone) →
+  ``await stop()``: the server stops (in-flight rpcs are cancelled,
   which aborts their requests), then the engine thread and the event hooks.
 
 Roles: ``prefill`` runs the engine in ``mode="prefill"`` (finished prompts are
@@ -97,7 +99,6 @@ class WorkerHost:
         self._server: grpc.aio.Server | None = None
         self._metrics_server = None
         self._undo: list[Callable[[], None]] = []
-        self._peers: dict[str, Any] = {}
 
     # ---- lifecycle ---------------------------------------------------------------------
     async def start(self) -> str:
@@ -150,8 +151,6 @@ class WorkerHost:
             await asyncio.to_thread(engine.close)
         if self.nccl_endpoint is not None:        # this worker's KV pairs: the holders see EOF
             await asyncio.to_thread(self.nccl_endpoint.close)
-        for client in self._peers.values():
-            await client.close()
         if self.channels is not None:
             await self.channels.close()
         if self._metrics_server is not None:
@@ -183,15 +182,18 @@ class WorkerHost:
         self.metrics.transfer(stats, state is TransferState.DONE)
 
     async def release_remote(self, handle: KVHandle) -> None:
-        """Tell the holder it may drop its hold (never raises: the TTL is the backstop)."""
+        """Tell the holder it may drop its hold (never raises: the TTL is the backstop).
+        Release rides the channel the pull used (``self.channels``); a holder that is
+        gone (UNAVAILABLE) has its channel closed."""
         from workers.client import WorkerClient
-        client = self._peers.get(handle.source_address)
-        if client is None:
-            client = self._peers[handle.source_address] = WorkerClient(handle.source_address)
+        from workers.errors import WorkerError
+        address = handle.source_address
         try:
-            await client.release(handle.request_id)
+            await WorkerClient(address, channel=self.channels.get(address)).release(handle.request_id)
         except Exception as e:
-            log.warning("release of %s on %s failed: %s", handle.request_id, handle.source_address, e)
+            log.warning("release of %s on %s failed: %s", handle.request_id, address, e)
+            if isinstance(e, WorkerError) and e.code == "UNAVAILABLE":
+                self.channels.discard(address)
 
     # ---- queries ------------------------------------------------------------------------
     async def stats(self) -> WorkerStats:

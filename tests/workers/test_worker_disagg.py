@@ -159,6 +159,32 @@ async def test_corrupted_chunk_fails_the_request_cleanly(pair, reference):
     assert [handle.first_token] + tokens == reference.generate([prompt], GREEDY)[0].token_ids
 
 
+async def test_pull_and_release_share_one_channel_per_holder(pair, tiny_model_dir):
+    prefill, decode, pc, dc, _ = pair
+    handle = await pc.prefill("one", list(range(3, 20)), GREEDY)
+    await collect(dc.decode(handle, GREEDY))
+    await assert_no_blocks_in_use(prefill, decode)                    # released over the pull's channel
+    assert prefill.address in decode.channels
+    # A holder that leaves: the failed pull's Release finds it gone and its channel is closed.
+    gone = WorkerHost(config(tiny_model_dir), "prefill", worker_id="p-gone")
+    await gone.start()
+    async with WorkerClient(gone.address) as gc:
+        first = await gc.prefill("two", list(range(3, 20)), GREEDY)
+        handle = await gc.prefill("three", list(range(30, 47)), GREEDY)
+    await collect(dc.decode(first, GREEDY))                           # a first pull: the channel is made
+    assert gone.address in decode.channels
+    await gone.stop()
+    with pytest.raises(WorkerError) as info:
+        await collect(dc.decode(handle, GREEDY))
+    assert info.value.code == "DATA_LOSS"
+    for _ in range(50):
+        if gone.address not in decode.channels:
+            break
+        await asyncio.sleep(0.02)
+    assert gone.address not in decode.channels and prefill.address in decode.channels
+    await assert_no_blocks_in_use(decode)
+
+
 async def test_generate_runs_locally_with_stop_and_n(pair, reference):
     _, decode, _, dc, _ = pair
     prompt = list(range(3, 16))
