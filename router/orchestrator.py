@@ -190,11 +190,14 @@ class Orchestrator:
         first = int(handle.first_token)
         finish = getattr(result, "finish_reason", None) or self._finish_after_first(first, req.params)
         cached = getattr(result, "num_cached_tokens", None)
-        first_logprob = getattr(handle, "first_logprob", None)
+        # the first token's top logprobs (as a local Generate stream gives them); else its own logprob
+        first_logprobs = getattr(result, "first_logprobs", None)
+        if first_logprobs is None:
+            first_logprobs = getattr(handle, "first_logprob", None)
         decoded = False
         try:
             yield TokenChunk([first], finish, cached,
-                             logprobs=None if first_logprob is None else [first_logprob])
+                             logprobs=None if first_logprobs is None else [first_logprobs])
             if finish is not None:
                 return
             stream = self._stream(req, decode, "decode", lambda c: c.decode(handle, req.params),

@@ -89,7 +89,8 @@ class WorkerClient:
         return handle_from_pb(resp.handle), PrefillResult(
             first_text=resp.first_text, finish_reason=resp.finish_reason or None,
             num_cached_tokens=resp.num_cached_tokens, queue_seconds=resp.queue_seconds,
-            prefill_seconds=resp.prefill_seconds)
+            prefill_seconds=resp.prefill_seconds,
+            first_logprobs=dict(resp.first_logprobs.logprobs) if resp.HasField("first_logprobs") else None)
 
     def decode(self, handle: KVHandle, params: SamplingParams) -> AsyncIterator[DecodeChunk]:
         """Stream the rest of the completion (the first token is not repeated)."""

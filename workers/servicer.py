@@ -6,7 +6,8 @@ engine is reached only through ``EngineLoop.call``/``post``):
 - Prefill (prefill role): subscribe → admit (queue bound, ``add_request``) →
   wait for the finished output → held: read ``get_held`` and return the
   handle; finished at the first token (EOS, stop, max_tokens=1): return the
-  handle without blocks and ``finish_reason``.
+  handle without blocks and ``finish_reason``. With ``params.logprobs`` the
+  response carries the first token's top logprobs (``first_logprobs``).
 - Decode (decode/colocated role): check the handle and layouts → subscribe →
   ``add_request_with_kv`` (local prefix hits) → pull the missing blocks through
   the handle's transport (the receiver never touches the engine) → Release on
@@ -259,9 +260,13 @@ class WorkerServicer(pb_grpc.WorkerServicer):
                 prefill_s = m["first_token_time"] - m["first_scheduled_time"]
                 self.metrics.prefill_compute.observe(prefill_s)
                 self.metrics.ttft.observe(m["first_token_time"] - m["arrival_time"])
-        return pb.PrefillResponse(handle=handle_to_pb(handle), first_text=out.text,
+        resp = pb.PrefillResponse(handle=handle_to_pb(handle), first_text=out.text,
                                   finish_reason=out.finish_reason or "", num_cached_tokens=out.num_cached_tokens,
                                   queue_seconds=queue_s, prefill_seconds=prefill_s)
+        first_logprobs = out.outputs[0].logprobs if out.outputs else None
+        if first_logprobs:
+            resp.first_logprobs.logprobs.update(first_logprobs[0])
+        return resp
 
     # ---- Decode --------------------------------------------------------------------------
     async def Decode(self, request: pb.DecodeRequest, context):

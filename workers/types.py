@@ -31,6 +31,7 @@ class PrefillResult:
     num_cached_tokens: int = 0
     queue_seconds: float = 0.0
     prefill_seconds: float = 0.0
+    first_logprobs: dict[int, float] | None = None   # params.logprobs set: the first token's top entry
 
 
 @dataclass

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from . import kv_transfer_pb2 as kv__transfer__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0cworker.proto\x12\x0c\x62\x61ton.worker\x1a\x11kv_transfer.proto\"\x88\x02\n\x0eSamplingParams\x12\t\n\x01n\x18\x01 \x01(\r\x12\x12\n\nmax_tokens\x18\x02 \x01(\r\x12\x13\n\x0btemperature\x18\x03 \x01(\x01\x12\r\n\x05top_k\x18\x04 \x01(\x05\x12\r\n\x05top_p\x18\x05 \x01(\x01\x12\r\n\x05min_p\x18\x06 \x01(\x01\x12\x11\n\x04seed\x18\x07 \x01(\x03H\x00\x88\x01\x01\x12\x0c\n\x04stop\x18\x08 \x03(\t\x12\x16\n\x0estop_token_ids\x18\t \x03(\r\x12\x12\n\nignore_eos\x18\n \x01(\x08\x12\x15\n\x08logprobs\x18\x0b \x01(\rH\x01\x88\x01\x01\x12\x1b\n\x13skip_special_tokens\x18\x0c \x01(\x08\x42\x07\n\x05_seedB\x0b\n\t_logprobs\"l\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12,\n\x06params\x18\x03 \x01(\x0b\x32\x1c.baton.worker.SamplingParams\"\xab\x01\n\x0fPrefillResponse\x12\"\n\x06handle\x18\x01 \x01(\x0b\x32\x12.baton.kv.KVHandle\x12\x12\n\nfirst_text\x18\x02 \x01(\t\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12\x19\n\x11num_cached_tokens\x18\x04 \x01(\r\x12\x15\n\rqueue_seconds\x18\x05 \x01(\x01\x12\x17\n\x0fprefill_seconds\x18\x06 \x01(\x01\"a\n\rDecodeRequest\x12\"\n\x06handle\x18\x01 \x01(\x0b\x32\x12.baton.kv.KVHandle\x12,\n\x06params\x18\x02 \x01(\x0b\x32\x1c.baton.worker.SamplingParams\"m\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12,\n\x06params\x18\x03 \x01(\x0b\x32\x1c.baton.worker.SamplingParams\"y\n\x0bTopLogprobs\x12\x39\n\x08logprobs\x18\x01 \x03(\x0b\x32\'.baton.worker.TopLogprobs.LogprobsEntry\x1a/\n\rLogprobsEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\"\xd6\x01\n\rGenerateChunk\x12\r\n\x05index\x18\x01 \x01(\r\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12\x19\n\x11num_cached_tokens\x18\x05 \x01(\r\x12+\n\x08logprobs\x18\x06 \x03(\x0b\x32\x19.baton.worker.TopLogprobs\x12\x1b\n\x13kv_transfer_seconds\x18\x07 \x01(\x01\x12\x19\n\x11kv_transfer_bytes\x18\x08 \x01(\x04\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1e\n\rAbortResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"$\n\x0eReleaseRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\" \n\x0fReleaseResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"\x0e\n\x0cStatsRequest\"\x94\x04\n\x0bWorkerStats\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12\r\n\x05\x65poch\x18\x04 \x01(\t\x12\x13\n\x0bnum_running\x18\x05 \x01(\r\x12\x13\n\x0bnum_waiting\x18\x06 \x01(\r\x12\x10\n\x08num_held\x18\x07 \x01(\r\x12\x17\n\x0fnum_free_blocks\x18\x08 \x01(\r\x12\x18\n\x10num_total_blocks\x18\t \x01(\r\x12\x16\n\x0ekv_cache_usage\x18\n \x01(\x02\x12\x1c\n\x14prefix_cache_queries\x18\x0b \x01(\x04\x12\x19\n\x11prefix_cache_hits\x18\x0c \x01(\x04\x12\x14\n\x0ckv_transfers\x18\r \x01(\x04\x12\x19\n\x11kv_transfer_bytes\x18\x0e \x01(\x04\x12\x1b\n\x13kv_transfer_seconds\x18\x0f \x01(\x01\x12\x14\n\x0cmetrics_port\x18\x10 \x01(\r\x12\"\n\x06layout\x18\x11 \x01(\x0b\x32\x12.baton.kv.KVLayout\x12\x15\n\rmax_model_len\x18\x12 \x01(\r\x12\x13\n\x0bmax_waiting\x18\x13 \x01(\r\x12\x1c\n\x14kv_transfer_failures\x18\x14 \x01(\x04\x12\x19\n\x11num_expired_holds\x18\x15 \x01(\x04\x12\x17\n\x0fnum_preemptions\x18\x16 \x01(\x04\x32\xaa\x03\n\x06Worker\x12\x46\n\x07Prefill\x12\x1c.baton.worker.PrefillRequest\x1a\x1d.baton.worker.PrefillResponse\x12\x44\n\x06\x44\x65\x63ode\x12\x1b.baton.worker.DecodeRequest\x1a\x1b.baton.worker.GenerateChunk0\x01\x12H\n\x08Generate\x12\x1d.baton.worker.GenerateRequest\x1a\x1b.baton.worker.GenerateChunk0\x01\x12@\n\x05\x41\x62ort\x12\x1a.baton.worker.AbortRequest\x1a\x1b.baton.worker.AbortResponse\x12\x46\n\x07Release\x12\x1c.baton.worker.ReleaseRequest\x1a\x1d.baton.worker.ReleaseResponse\x12>\n\x05Stats\x12\x1a.baton.worker.StatsRequest\x1a\x19.baton.worker.WorkerStatsb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0cworker.proto\x12\x0c\x62\x61ton.worker\x1a\x11kv_transfer.proto\"\x88\x02\n\x0eSamplingParams\x12\t\n\x01n\x18\x01 \x01(\r\x12\x12\n\nmax_tokens\x18\x02 \x01(\r\x12\x13\n\x0btemperature\x18\x03 \x01(\x01\x12\r\n\x05top_k\x18\x04 \x01(\x05\x12\r\n\x05top_p\x18\x05 \x01(\x01\x12\r\n\x05min_p\x18\x06 \x01(\x01\x12\x11\n\x04seed\x18\x07 \x01(\x03H\x00\x88\x01\x01\x12\x0c\n\x04stop\x18\x08 \x03(\t\x12\x16\n\x0estop_token_ids\x18\t \x03(\r\x12\x12\n\nignore_eos\x18\n \x01(\x08\x12\x15\n\x08logprobs\x18\x0b \x01(\rH\x01\x88\x01\x01\x12\x1b\n\x13skip_special_tokens\x18\x0c \x01(\x08\x42\x07\n\x05_seedB\x0b\n\t_logprobs\"l\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12,\n\x06params\x18\x03 \x01(\x0b\x32\x1c.baton.worker.SamplingParams\"\xde\x01\n\x0fPrefillResponse\x12\"\n\x06handle\x18\x01 \x01(\x0b\x32\x12.baton.kv.KVHandle\x12\x12\n\nfirst_text\x18\x02 \x01(\t\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12\x19\n\x11num_cached_tokens\x18\x04 \x01(\r\x12\x15\n\rqueue_seconds\x18\x05 \x01(\x01\x12\x17\n\x0fprefill_seconds\x18\x06 \x01(\x01\x12\x31\n\x0e\x66irst_logprobs\x18\x07 \x01(\x0b\x32\x19.baton.worker.TopLogprobs\"a\n\rDecodeRequest\x12\"\n\x06handle\x18\x01 \x01(\x0b\x32\x12.baton.kv.KVHandle\x12,\n\x06params\x18\x02 \x01(\x0b\x32\x1c.baton.worker.SamplingParams\"m\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12,\n\x06params\x18\x03 \x01(\x0b\x32\x1c.baton.worker.SamplingParams\"y\n\x0bTopLogprobs\x12\x39\n\x08logprobs\x18\x01 \x03(\x0b\x32\'.baton.worker.TopLogprobs.LogprobsEntry\x1a/\n\rLogprobsEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\"\xd6\x01\n\rGenerateChunk\x12\r\n\x05index\x18\x01 \x01(\r\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12\x19\n\x11num_cached_tokens\x18\x05 \x01(\r\x12+\n\x08logprobs\x18\x06 \x03(\x0b\x32\x19.baton.worker.TopLogprobs\x12\x1b\n\x13kv_transfer_seconds\x18\x07 \x01(\x01\x12\x19\n\x11kv_transfer_bytes\x18\x08 \x01(\x04\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1e\n\rAbortResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"$\n\x0eReleaseRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\" \n\x0fReleaseResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"\x0e\n\x0cStatsRequest\"\x94\x04\n\x0bWorkerStats\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12\r\n\x05\x65poch\x18\x04 \x01(\t\x12\x13\n\x0bnum_running\x18\x05 \x01(\r\x12\x13\n\x0bnum_waiting\x18\x06 \x01(\r\x12\x10\n\x08num_held\x18\x07 \x01(\r\x12\x17\n\x0fnum_free_blocks\x18\x08 \x01(\r\x12\x18\n\x10num_total_blocks\x18\t \x01(\r\x12\x16\n\x0ekv_cache_usage\x18\n \x01(\x02\x12\x1c\n\x14prefix_cache_queries\x18\x0b \x01(\x04\x12\x19\n\x11prefix_cache_hits\x18\x0c \x01(\x04\x12\x14\n\x0ckv_transfers\x18\r \x01(\x04\x12\x19\n\x11kv_transfer_bytes\x18\x0e \x01(\x04\x12\x1b\n\x13kv_transfer_seconds\x18\x0f \x01(\x01\x12\x14\n\x0cmetrics_port\x18\x10 \x01(\r\x12\"\n\x06layout\x18\x11 \x01(\x0b\x32\x12.baton.kv.KVLayout\x12\x15\n\rmax_model_len\x18\x12 \x01(\r\x12\x13\n\x0bmax_waiting\x18\x13 \x01(\r\x12\x1c\n\x14kv_transfer_failures\x18\x14 \x01(\x04\x12\x19\n\x11num_expired_holds\x18\x15 \x01(\x04\x12\x17\n\x0fnum_preemptions\x18\x16 \x01(\x04\x32\xaa\x03\n\x06Worker\x12\x46\n\x07Prefill\x12\x1c.baton.worker.PrefillRequest\x1a\x1d.baton.worker.PrefillResponse\x12\x44\n\x06\x44\x65\x63ode\x12\x1b.baton.worker.DecodeRequest\x1a\x1b.baton.worker.GenerateChunk0\x01\x12H\n\x08Generate\x12\x1d.baton.worker.GenerateRequest\x1a\x1b.baton.worker.GenerateChunk0\x01\x12@\n\x05\x41\x62ort\x12\x1a.baton.worker.AbortRequest\x1a\x1b.baton.worker.AbortResponse\x12\x46\n\x07Release\x12\x1c.baton.worker.ReleaseRequest\x1a\x1d.baton.worker.ReleaseResponse\x12>\n\x05Stats\x12\x1a.baton.worker.StatsRequest\x1a\x19.baton.worker.WorkerStatsb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -39,29 +39,29 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PREFILLREQUEST']._serialized_start=316
   _globals['_PREFILLREQUEST']._serialized_end=424
   _globals['_PREFILLRESPONSE']._serialized_start=427
-  _globals['_PREFILLRESPONSE']._serialized_end=598
-  _globals['_DECODEREQUEST']._serialized_start=600
-  _globals['_DECODEREQUEST']._serialized_end=697
-  _globals['_GENERATEREQUEST']._serialized_start=699
-  _globals['_GENERATEREQUEST']._serialized_end=808
-  _globals['_TOPLOGPROBS']._serialized_start=810
-  _globals['_TOPLOGPROBS']._serialized_end=931
-  _globals['_TOPLOGPROBS_LOGPROBSENTRY']._serialized_start=884
-  _globals['_TOPLOGPROBS_LOGPROBSENTRY']._serialized_end=931
-  _globals['_GENERATECHUNK']._serialized_start=934
-  _globals['_GENERATECHUNK']._serialized_end=1148
-  _globals['_ABORTREQUEST']._serialized_start=1150
-  _globals['_ABORTREQUEST']._serialized_end=1184
-  _globals['_ABORTRESPONSE']._serialized_start=1186
-  _globals['_ABORTRESPONSE']._serialized_end=1216
-  _globals['_RELEASEREQUEST']._serialized_start=1218
-  _globals['_RELEASEREQUEST']._serialized_end=1254
-  _globals['_RELEASERESPONSE']._serialized_start=1256
-  _globals['_RELEASERESPONSE']._serialized_end=1288
-  _globals['_STATSREQUEST']._serialized_start=1290
-  _globals['_STATSREQUEST']._serialized_end=1304
-  _globals['_WORKERSTATS']._serialized_start=1307
-  _globals['_WORKERSTATS']._serialized_end=1839
-  _globals['_WORKER']._serialized_start=1842
-  _globals['_WORKER']._serialized_end=2268
+  _globals['_PREFILLRESPONSE']._serialized_end=649
+  _globals['_DECODEREQUEST']._serialized_start=651
+  _globals['_DECODEREQUEST']._serialized_end=748
+  _globals['_GENERATEREQUEST']._serialized_start=750
+  _globals['_GENERATEREQUEST']._serialized_end=859
+  _globals['_TOPLOGPROBS']._serialized_start=861
+  _globals['_TOPLOGPROBS']._serialized_end=982
+  _globals['_TOPLOGPROBS_LOGPROBSENTRY']._serialized_start=935
+  _globals['_TOPLOGPROBS_LOGPROBSENTRY']._serialized_end=982
+  _globals['_GENERATECHUNK']._serialized_start=985
+  _globals['_GENERATECHUNK']._serialized_end=1199
+  _globals['_ABORTREQUEST']._serialized_start=1201
+  _globals['_ABORTREQUEST']._serialized_end=1235
+  _globals['_ABORTRESPONSE']._serialized_start=1237
+  _globals['_ABORTRESPONSE']._serialized_end=1267
+  _globals['_RELEASEREQUEST']._serialized_start=1269
+  _globals['_RELEASEREQUEST']._serialized_end=1305
+  _globals['_RELEASERESPONSE']._serialized_start=1307
+  _globals['_RELEASERESPONSE']._serialized_end=1339
+  _globals['_STATSREQUEST']._serialized_start=1341
+  _globals['_STATSREQUEST']._serialized_end=1355
+  _globals['_WORKERSTATS']._serialized_start=1358
+  _globals['_WORKERSTATS']._serialized_end=1890
+  _globals['_WORKER']._serialized_start=1893
+  _globals['_WORKER']._serialized_end=2319
 # @@protoc_insertion_point(module_scope)

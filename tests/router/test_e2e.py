@@ -155,17 +155,46 @@ def test_stop_strings_n_seeds_and_logprobs(oai):
     lp = oai.completions.create(model=LIVE_MODEL, prompt=ids, max_tokens=4, logprobs=2, **OAI_GREEDY)
     assert len(lp.choices[0].logprobs.tokens) == 4 and len(lp.choices[0].logprobs.token_logprobs) == 4
     assert all(len(top) == 2 for top in lp.choices[0].logprobs.top_logprobs)
-    # Disaggregated: the first token comes with the prefill worker's handle, which carries its
-    # logprob but not (yet) its alternatives.
-    remote = oai.completions.create(model=LIVE_MODEL, prompt=prompt(18, 100), max_tokens=4, logprobs=2,
-                                    **OAI_GREEDY).choices[0].logprobs
-    assert all(isinstance(lp, float) for lp in remote.token_logprobs)
-    assert [len(top) for top in remote.top_logprobs] == [0, 2, 2, 2]
     chat = oai.chat.completions.create(model=LIVE_MODEL, messages=[{"role": "user", "content": "hi"}],
                                        max_tokens=3, logprobs=True, top_logprobs=2, **OAI_GREEDY)
     content = chat.choices[0].logprobs.content
     assert len(content) == 3 and all(len(c.top_logprobs) == 2 for c in content)
     assert content[0].logprob == max(t.logprob for t in content[0].top_logprobs)   # greedy: the top token
+
+
+def test_disaggregated_logprobs_equal_the_colocated_ones(live_cluster, tokenizer):
+    """logprobs=2 on one prompt: through the live router (prefilled remotely; the first token's
+    top logprobs come from the prefill worker) and through a router whose only worker is d0
+    (colocated): same tokens, same top-2 alternatives, logprobs equal up to float noise."""
+    from router.config import RouterConfig
+    from router.directory import StaticWorkerDirectory, WorkerView
+    from router.server import build_router
+
+    body = {"model": LIVE_MODEL, "prompt": prompt(18, 100), "max_tokens": 4, "logprobs": 2, **GREEDY}
+    before = metric(live_cluster, "baton:disagg_decision_total", decision="remote")
+    remote = httpx.post(f"{live_cluster.base_url}/completions", json=body, timeout=60).json()
+    assert metric(live_cluster, "baton:disagg_decision_total", decision="remote") == before + 1
+
+    async def colocated():
+        d0 = live_cluster.hosts["d0"]
+        config = RouterConfig(model=LIVE_MODEL, max_model_len=512, grpc_port=0)
+        app, _ = build_router(config, tokenizer=tokenizer,
+                              directory=StaticWorkerDirectory([WorkerView("d0", "decode", d0.address)]))
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://r") as c:
+            r = await c.post("/v1/completions", json=body)
+        text = app.state.router.metrics.render().decode()
+        await app.state.router.close()
+        return r.json(), text
+
+    local, text = live_cluster.call(colocated())
+    assert 'decision="local"' in text and 'decision="remote"' not in text
+    a, b = remote["choices"][0]["logprobs"], local["choices"][0]["logprobs"]
+    assert a["tokens"] == b["tokens"] and len(a["tokens"]) == 4
+    assert a["token_logprobs"] == pytest.approx(b["token_logprobs"], abs=1e-4)
+    assert [len(top) for top in a["top_logprobs"]] == [2, 2, 2, 2]
+    for top_a, top_b in zip(a["top_logprobs"], b["top_logprobs"]):
+        assert top_a.keys() == top_b.keys()
+        assert list(top_a.values()) == pytest.approx(list(top_b.values()), abs=1e-4)
 
 
 def test_the_n_samples_of_a_prompt_share_one_hashing(live_cluster, tokenizer):
