@@ -22,15 +22,18 @@ Messages are plain dataclasses pickled over the group's gloo control backend
 (``TPGroup.broadcast_object``); the runner's inputs are the scheduler's own
 ``SchedulerOutput``, so a step costs one small pickle per step.
 
-Launchers: ``spawn_local`` (default) starts ranks as local processes, rank r
-on ``cuda:N+r`` (one process sees every GPU). In a Ray cluster a TP prefill
-worker is one placement group with one ``{"GPU": 1}`` bundle per rank: the
-worker actor (rank 0, bundle 0) serves gRPC and builds its engine with
-``LLMEngine(config, tp_launcher=ray_launcher)`` where ``ray_launcher(config,
-address, ranks)`` creates one small actor per rank r in bundle r that calls
-``run_rank(config, r, address, device="cuda:0")`` (each bundle sees one GPU),
-and returns a handle with ``join(timeout)``/``terminate()``. The address is
-rank 0's node IP (pass it as ``TPExecutor.launch(..., host=...)``).
+Launchers: ``launcher(config, address, ranks)`` starts ranks ``ranks`` (each
+runs ``run_rank(config, r, address, ...)``) and returns a handle with
+``join(timeout)``/``terminate()``; an optional ``host`` attribute names the
+interface the rendezvous store is advertised on (default 127.0.0.1; an explicit
+``TPExecutor.launch(..., host=...)`` wins). ``spawn_local`` (default) starts
+ranks as local processes, rank r on ``cuda:N+r`` (one process sees every GPU).
+In a Ray cluster (cluster/tp_launcher.py, ``RayTPLauncher``) a TP prefill
+worker is one placement group with one bundle per rank: the worker actor (rank
+0, bundle 0) serves gRPC and builds ``LLMEngine(config, tp_launcher=...)``; the
+launcher starts one actor per rank r in bundle r calling ``run_rank(config, r,
+address, device="cuda:0")`` (each bundle sees one GPU; ``cpu`` on CPU), and its
+``host`` is rank 0's node IP.
 
 Decision: CUDA graphs are off at TP>1 (the engine runs eagerly): capture
 would have to happen in lockstep on every rank with NCCL inside the graph.
@@ -127,11 +130,13 @@ class TPExecutor:
 
     @classmethod
     def launch(cls, config: EngineConfig, launcher: Callable | None = None,
-               host: str = "127.0.0.1") -> "TPExecutor":
+               host: str | None = None) -> "TPExecutor":
         size = config.tensor_parallel_size
+        launcher = launcher or spawn_local
+        host = host or getattr(launcher, "host", None) or "127.0.0.1"
         store = make_store(f"{host}:0", 0, size)
         address = f"{host}:{store.port}"
-        ranks = (launcher or spawn_local)(config, address, list(range(1, size)))
+        ranks = launcher(config, address, list(range(1, size)))
         try:
             tp = TPGroup.connect(address, 0, size, rank_device(config.device, 0), store=store)
         except BaseException:
