@@ -1,6 +1,7 @@
 """The `baton` command line.
 
-    baton up [--prefill N --decode M --colocated K --model M --redis-url U --address A --config F --set K=V]
+    baton up [--prefill N --decode M --colocated K --prefill-tp T --model M --redis-url U --address A
+              --config F --set K=V]
     baton status [--json]          pools, workers, load, KV usage, cache hit rate
     baton scale prefill|decode|colocated N
     baton drain WORKER
@@ -68,6 +69,7 @@ def _config_from_args(args):
     from cluster.config import load_config
 
     overrides = {"pools.prefill": args.prefill, "pools.decode": args.decode, "pools.colocated": args.colocated,
+                 "pools.prefill_tp": args.prefill_tp,
                  "engine.model": args.model, "redis.url": args.redis_url, "ray.address": args.address,
                  "router.host": args.host, "router.port": args.port, "router.grpc_port": args.grpc_port,
                  "ray.num_cpus": args.num_cpus}
@@ -92,7 +94,8 @@ def cmd_up(args) -> int:
     def on_signal(signum, frame):
         stop["flag"] = True
 
-    console.print(f"[bold]baton up[/bold]: {cfg.pools.prefill} prefill, {cfg.pools.decode} decode, "
+    tp = f" (TP={cfg.pools.prefill_tp})" if cfg.pools.prefill_tp > 1 else ""
+    console.print(f"[bold]baton up[/bold]: {cfg.pools.prefill} prefill{tp}, {cfg.pools.decode} decode, "
                   f"{cfg.pools.colocated} colocated worker(s) of [cyan]{cfg.engine.model}[/cyan] …")
 
     def interrupt(signum, frame):
@@ -264,6 +267,9 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--prefill", type=int, help="prefill workers (default 1)")
     up.add_argument("--decode", type=int, help="decode workers (default 1)")
     up.add_argument("--colocated", type=int, help="colocated workers (default 0)")
+    up.add_argument("--prefill-tp", type=int, metavar="T",
+                    help="tensor-parallel ranks per prefill worker, one Ray placement-group bundle each "
+                         "(default 1; decode workers run TP=1)")
     up.add_argument("--redis-url", help="use this Redis (default: a private redis-server, else in-process)")
     up.add_argument("--address", help="join a Ray cluster (default: start a local one)")
     up.add_argument("--host", help="router bind address (default 127.0.0.1)")

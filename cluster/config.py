@@ -10,8 +10,13 @@ Decisions:
   redis-server when the binary exists, else an in-process store
   (``cluster.memory_store``).
 - ``pools.num_cpus`` defaults to 0.5 so a 2-core laptop fits a router, a
-  prefill and a decode worker; on GPU set ``num_gpus`` (per worker, times
-  ``tp``).
+  prefill and a decode worker; on GPU set ``num_gpus`` (per TP rank).
+- Tensor parallelism is per prefill worker (``pools.prefill_tp``, ``baton up
+  --prefill-tp``); decode and colocated workers run TP=1. Every worker is a
+  Ray placement group of one bundle per rank (cluster/tp_launcher.py). CPU
+  TP (gloo) is allowed — it is how the tests run it. Whether the model can be
+  sharded is checked by ``cluster.tp_launcher.check_prefill_tp`` at launch
+  (it reads the model's config; this module does no I/O).
 - ``engine.extra`` passes any other ``EngineConfig`` field through unchanged.
 """
 
@@ -25,6 +30,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 ROLES = ("prefill", "decode", "colocated")
+STRATEGIES = ("STRICT_PACK", "PACK", "SPREAD", "STRICT_SPREAD")     # Ray placement-group strategies
 
 
 @dataclass(frozen=True)
@@ -53,12 +59,18 @@ class PoolSection:
     """Decode workers (disaggregated path)."""
     colocated: int = 0
     """Workers that prefill and decode their own requests."""
-    tp: int = 1
-    """Tensor-parallel ranks per worker."""
+    prefill_tp: int = 1
+    """Tensor-parallel ranks per prefill worker (one process and one placement-group bundle each);
+    decode and colocated workers run TP=1."""
     num_cpus: float = 0.5
-    """Ray CPUs reserved per worker (fractional is fine on CPU)."""
+    """Ray CPUs reserved per worker process (per TP rank; fractional is fine on CPU)."""
     num_gpus: float = 0.0
-    """Ray GPUs per TP rank (0 on CPU)."""
+    """Ray GPUs per worker process, i.e. per TP rank (0 on CPU)."""
+    placement_strategy: str = "STRICT_PACK"
+    """Ray placement strategy of a worker's bundles: STRICT_PACK keeps a TP group on one node;
+    PACK, SPREAD or STRICT_SPREAD let it span nodes."""
+    placement_timeout_s: float = 120.0
+    """Longest wait for Ray to place a worker's bundles; then the start fails, saying what is missing."""
     restart_dead: bool = True
     """Controller replaces workers whose actor died."""
     drain_timeout_s: float = 60.0
@@ -80,12 +92,17 @@ class PoolSection:
             raise ValueError("pools: prefill and decode workers come together "
                              f"(got prefill={self.prefill}, decode={self.decode}); "
                              "use colocated workers for a single pool")
-        if not isinstance(self.tp, int) or self.tp < 1:
-            raise ValueError(f"pools.tp must be an integer >= 1, got {self.tp!r}")
+        if not isinstance(self.prefill_tp, int) or isinstance(self.prefill_tp, bool) or self.prefill_tp < 1:
+            raise ValueError(f"pools.prefill_tp must be an integer >= 1, got {self.prefill_tp!r}")
         if self.num_cpus < 0 or self.num_gpus < 0:
             raise ValueError("pools.num_cpus and pools.num_gpus must be >= 0")
-        if self.tp > 1 and self.num_gpus <= 0:
-            raise ValueError("pools.tp > 1 needs pools.num_gpus > 0")
+        if self.num_cpus == 0 and self.num_gpus == 0:
+            raise ValueError("pools.num_cpus and pools.num_gpus are both 0: a worker's placement-group bundle "
+                             "must reserve something")
+        if self.placement_strategy not in STRATEGIES:
+            raise ValueError(f"pools.placement_strategy must be one of {STRATEGIES}, got {self.placement_strategy!r}")
+        if self.placement_timeout_s <= 0:
+            raise ValueError("pools.placement_timeout_s must be > 0")
         if self.drain_timeout_s <= 0:
             raise ValueError("pools.drain_timeout_s must be > 0")
         if self.drain_grace_s < 0:
@@ -190,9 +207,16 @@ class ClusterConfig:
     ray: RaySection = field(default_factory=RaySection)
 
     def __post_init__(self) -> None:
-        if self.engine.device.startswith("cuda") and self.pools.num_gpus <= 0:
+        on_gpu = self.engine.device.startswith("cuda")
+        if on_gpu and self.pools.num_gpus <= 0:
             raise ValueError("engine.device is cuda but pools.num_gpus is 0: Ray would give the workers no GPU "
                              "(set pools.num_gpus, e.g. 1)")
+        if on_gpu and self.pools.prefill_tp > 1 and (self.pools.num_gpus < 1 or self.pools.num_gpus % 1):
+            raise ValueError(f"pools.prefill_tp={self.pools.prefill_tp} on cuda needs a whole pools.num_gpus >= 1 "
+                             f"(one GPU per rank: NCCL cannot run two ranks on one GPU), got {self.pools.num_gpus}")
+        if "tensor_parallel_size" in self.engine.extra:
+            raise ValueError("engine.extra.tensor_parallel_size: set pools.prefill_tp (baton up --prefill-tp) "
+                             "instead; decode and colocated workers run TP=1")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

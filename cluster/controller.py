@@ -2,7 +2,8 @@
 
 Lifecycle of a worker slot (one per worker the controller manages):
 
-    STARTING ──actor ready (its gRPC server is up and it registered)──▶ READY
+    STARTING ──placement group placed, actor ready (its gRPC server is up and it registered)──▶ READY
+    STARTING ──placement group not placed in pools.placement_timeout_s──▶ DEAD (error says what Ray lacks)
     READY ──drain(worker_id) or scale down──▶ DRAINING
     DRAINING ──no running / waiting / held requests (or drain_timeout_s)──▶ STOPPED (deregistered, killed)
     STARTING | READY ──actor died or stopped answering──▶ DEAD ──restart_dead──▶ STARTING (same worker_id, new epoch)
@@ -19,6 +20,13 @@ The reconcile loop (every ``_TICK_S``) polls each worker's stats (a Ray call
 with a timeout), replaces the dead (``pools.restart_dead``), re-asserts the
 draining flags (a Redis that restarted empty forgets them) and keeps the last
 stats for ``state()``.
+
+Placement: every worker start gets its own Ray placement group, one bundle per
+TP rank (``pools.prefill_tp`` ranks for a prefill worker, one otherwise; see
+cluster/tp_launcher.py); the worker actor is created in bundle 0 and starts
+the other ranks in the other bundles itself. The group is removed whenever the
+worker is (stopped after a drain or scale-down, found dead, restarted — a
+restart gets a new group — or at shutdown).
 
 Workers are made by ``worker_factory(role)`` → a Ray actor class called with
 one ``WorkerSpec`` (default: ``cluster.worker_actor.ManagedWorker``, a
@@ -39,6 +47,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from cluster.config import ROLES, ClusterConfig, check_role
+from cluster.tp_launcher import create_placement_group, in_bundle, placement_error, remove_placement_group, worker_tp
 from cluster.types import WorkerSpec, WorkerState, as_dict
 
 log = logging.getLogger(__name__)
@@ -60,6 +69,8 @@ class _Slot:
     ever_ready: bool = False
     ready_task: asyncio.Task | None = None
     drain_task: asyncio.Task | None = None
+    placement_group: Any = None     # this start's Ray placement group (removed with the worker)
+    placed: bool = False            # Ray has placed it (the actor can start)
 
 
 def default_worker_factory(role: str):
@@ -147,7 +158,8 @@ class Controller:
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        await asyncio.gather(*(self._stop_slot(s) for s in self._slots.values() if s.actor is not None),
+        await asyncio.gather(*(self._stop_slot(s) for s in self._slots.values()
+                               if s.actor is not None or s.placement_group is not None),
                              return_exceptions=True)
 
     # -- operations -------------------------------------------------------
@@ -212,14 +224,16 @@ class Controller:
         self.events.append(f"{time.strftime('%H:%M:%S')} {text}")
         del self.events[:-100]
 
-    def _spec(self, worker_id: str, role: str) -> WorkerSpec:
+    def _spec(self, worker_id: str, role: str, placement_group: Any) -> WorkerSpec:
         mode = "prefill" if role == "prefill" else "both"
+        tp = worker_tp(self.config.pools, role)
+        engine = dataclasses.replace(self.config.engine.to_engine_config(mode), tensor_parallel_size=tp)
         r = self.config.redis
-        return WorkerSpec(worker_id=worker_id, role=role, engine=self.config.engine.to_engine_config(mode),
+        return WorkerSpec(worker_id=worker_id, role=role, engine=engine,
                           store_url=self.store_url, namespace=r.namespace,
                           heartbeat_interval_s=r.heartbeat_interval_s, heartbeat_ttl_s=r.heartbeat_ttl_s,
                           host="127.0.0.1" if self.config.ray.address is None else "0.0.0.0",
-                          tp=self.config.pools.tp)
+                          tp=tp, placement_group=placement_group)
 
     def _spawn(self, role: str, slot: _Slot | None = None) -> _Slot:
         if slot is None:
@@ -235,20 +249,39 @@ class Controller:
         slot.misses = 0
         slot.state.started_at = time.time()
         pools = self.config.pools
-        options: dict = {"num_cpus": pools.num_cpus, "max_restarts": 0}
+        pg = slot.placement_group = create_placement_group(pools, role)
+        slot.placed = False
+        slot.state.tp = worker_tp(pools, role)
+        slot.state.placement_group = pg.id.hex()
+        options: dict = {"num_cpus": pools.num_cpus, "max_restarts": 0, **in_bundle(pg, 0)}
         if pools.num_gpus:
-            options["num_gpus"] = pools.num_gpus * pools.tp
+            options["num_gpus"] = pools.num_gpus
         if pools.resources.get(role):
             options["resources"] = dict(pools.resources[role])
         cls = self._factory(role)
-        slot.actor = cls.options(**options).remote(self._spec(slot.state.worker_id, role))
+        slot.actor = cls.options(**options).remote(self._spec(slot.state.worker_id, role, pg))
         slot.ready_task = asyncio.get_running_loop().create_task(self._await_ready(slot))
         restart = f" (restart {slot.state.restarts})" if slot.state.restarts else ""
         self._event(f"start {slot.state.worker_id}{restart}")
         return slot
 
     async def _await_ready(self, slot: _Slot) -> None:
-        actor = slot.actor
+        actor, pg = slot.actor, slot.placement_group
+        pools = self.config.pools
+        try:
+            await asyncio.wait_for(pg.ready(), pools.placement_timeout_s)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:          # never placed: say so now, and free what it holds or waits for
+            if slot.actor is actor and slot.state.status == "starting":
+                slot.state.status = "dead"
+                slot.state.error = (placement_error(pg, slot.state.worker_id, pools.placement_timeout_s,
+                                                    pools.placement_strategy)
+                                    if isinstance(e, asyncio.TimeoutError) else _reason(e))
+                self._event(f"{slot.state.worker_id} failed to start: {slot.state.error}")
+                self._release(slot)
+            return
+        slot.placed = True
         try:
             address = await asyncio.wait_for(actor.ready.remote(), _READY_TIMEOUT_S)
         except asyncio.CancelledError:
@@ -277,6 +310,9 @@ class Controller:
             slot.drain_task = loop.create_task(self._drain(slot))
 
     async def _drain_once_started(self, slot: _Slot) -> None:
+        if not slot.placed:             # still waiting for resources: nothing can have been routed to it
+            await self._finish(slot)
+            return
         if slot.ready_task is not None:
             await asyncio.gather(asyncio.shield(slot.ready_task), return_exceptions=True)
         if slot.ever_ready and slot.actor is not None:
@@ -310,19 +346,29 @@ class Controller:
         self._event(f"{slot.state.worker_id} stopped")
 
     async def _stop_slot(self, slot: _Slot) -> None:
-        import ray
-
-        actor, slot.actor = slot.actor, None
-        if actor is not None:
+        actor = slot.actor
+        if actor is not None and slot.placed:       # an unplaced actor never ran: nothing to shut down
             try:
                 await asyncio.wait_for(actor.shutdown.remote(), 10.0)
             except Exception:
                 pass
+        self._release(slot)
+        await self._registry_call("aderegister", slot.state.worker_id)
+
+    def _release(self, slot: _Slot) -> None:
+        """Kill the slot's actor and remove its placement group (ending its TP ranks too)."""
+        import ray
+
+        actor, slot.actor = slot.actor, None
+        pg, slot.placement_group = slot.placement_group, None
+        if actor is not None:
             try:
                 ray.kill(actor, no_restart=True)
             except Exception:
                 pass
-        await self._registry_call("aderegister", slot.state.worker_id)
+        if pg is not None:
+            remove_placement_group(pg)
+            slot.state.placement_group = ""
 
     async def _registry_call(self, name: str, *args) -> Any:
         if self._registry is None:
@@ -387,18 +433,11 @@ class Controller:
                 await self._registry_call("aset_draining", st.worker_id, True)
 
     async def _on_dead(self, slot: _Slot) -> None:
-        import ray
-
         wid = slot.state.worker_id
         if slot.state.status != "dead":
             slot.state.status = "dead"
             self._event(f"{wid} died: {slot.state.error or 'no answer'}")
-        if slot.actor is not None:
-            try:
-                ray.kill(slot.actor, no_restart=True)
-            except Exception:
-                pass
-            slot.actor = None
+        self._release(slot)
         await self._registry_call("aderegister", wid)
         if self.config.pools.restart_dead and not self._stopping:
             self._spawn(slot.state.role, slot)

@@ -1,6 +1,8 @@
 """launch(config) → ClusterHandle: a whole Baton cluster from Python (tests, `baton up`).
 
 Lifecycle, in order (``shutdown()`` undoes it in reverse):
+0. Checks that need no Ray: ``pools.prefill_tp`` must shard ``engine.model``
+   (``cluster.tp_launcher.check_prefill_tp``: heads, KV heads, MLP width).
 1. Ray: ``ray.init`` — local (``include_dashboard=False``, the package's root on
    the workers' PYTHONPATH, ``RAY_AUTH_MODE=disabled`` unless set) or
    ``config.ray.address``. An already initialized Ray is reused and left up.
@@ -30,6 +32,7 @@ from typing import Any
 from cluster.config import ClusterConfig
 from cluster.controller import CONTROLLER_NAME, controller_actor
 from cluster.redis_server import RedisServer, available as redis_available
+from cluster.tp_launcher import check_prefill_tp
 
 log = logging.getLogger(__name__)
 
@@ -160,6 +163,7 @@ def launch(config: ClusterConfig | None = None, *, start_router: bool = True, wo
     import ray
 
     config = config or ClusterConfig()
+    check_prefill_tp(config)
     owns_ray = init_ray(config)
     handle = ClusterHandle(config, "", "", None, owns_ray=owns_ray,
                            ray_address=ray.get_runtime_context().gcs_address)

@@ -35,7 +35,8 @@ def render_status(state: dict, extra: dict | None = None):
     colors = {"ready": "green", "starting": "yellow", "draining": "yellow", "dead": "red"}
     for w in state.get("workers", []):
         s = w.get("stats") or {}
-        t.add_row(w["worker_id"], w["role"], f"[{colors.get(w['status'], 'white')}]{w['status']}[/]",
+        role = w["role"] + (f" TP={w['tp']}" if w.get("tp", 1) > 1 else "")
+        t.add_row(w["worker_id"], role, f"[{colors.get(w['status'], 'white')}]{w['status']}[/]",
                   w.get("address", ""), str(s.get("num_running", "-")), str(s.get("num_waiting", "-")),
                   str(s.get("num_held", "-")),
                   f"{100.0 * s['kv_cache_usage']:.1f}%" if "kv_cache_usage" in s else "-",

@@ -18,8 +18,9 @@ class WorkerSpec:
     heartbeat_interval_s: float = 1.0
     heartbeat_ttl_s: float = 5.0
     host: str = "127.0.0.1"             # interface the gRPC server binds; 0.0.0.0: advertise the node IP
-    tp: int = 1
+    tp: int = 1                         # TP ranks (== engine.tensor_parallel_size)
     metrics: bool = True                # serve /metrics on a free port
+    placement_group: Any = None         # the worker's Ray placement group (bundle r: TP rank r; r=0 is this actor)
 
 
 @dataclass
@@ -33,6 +34,8 @@ class WorkerState:
     started_at: float = 0.0
     stats: dict = field(default_factory=dict)
     error: str = ""
+    tp: int = 1                         # TP ranks of this worker
+    placement_group: str = ""           # its Ray placement group id (hex), while it has one
 
 
 def as_dict(stats: Any) -> dict:

@@ -14,6 +14,12 @@ Lifecycle (one actor = one worker start = one epoch):
    entries go with it), then the host stops. The controller calls it only
    after draining, and kills the actor afterwards.
 
+Tensor parallelism (``spec.tp > 1``): this actor is rank 0 and sits in bundle 0
+of ``spec.placement_group``; its engine is ``LLMEngine(config,
+tp_launcher=RayTPLauncher(pg))``, which starts ranks 1..tp-1 as actors in the
+other bundles (cluster/tp_launcher.py) during ``ready()``. ``shutdown()``
+stops them with the engine; the controller removes the group afterwards.
+
 Workers heartbeat themselves (not the controller), so serving survives a dead
 controller; a worker that crashes stops heartbeating and is dead to routers
 within ``heartbeat_ttl_s``.
@@ -48,9 +54,23 @@ class ManagedWorker:
             import ray
 
             advertise = ray.util.get_node_ip_address()
-        return WorkerHost(s.engine, s.role, worker_id=s.worker_id, host=s.host, advertise_host=advertise,
+        host = WorkerHost(s.engine, s.role, worker_id=s.worker_id, host=s.host, advertise_host=advertise,
                           metrics_port=0 if s.metrics else None, redis_url=s.store_url,
                           index_model=s.engine.model, index_namespace=s.namespace)
+        if s.engine.tensor_parallel_size > 1:
+            # WorkerHost builds LLMEngine(config) with local rank processes; in Ray the ranks live in this
+            # worker's placement group. (workers.EngineLoop takes the factory; WorkerHost has no seat for it.)
+            host.loop._make_engine = functools.partial(_tp_engine, host.engine_config, self._placement_group())
+        return host
+
+    def _placement_group(self):
+        import ray
+
+        pg = self.spec.placement_group or ray.util.get_current_placement_group()
+        if pg is None:
+            raise ValueError(f"{self.spec.worker_id}: TP={self.spec.engine.tensor_parallel_size} needs the worker "
+                             "to run in a placement group of one bundle per rank (cluster.tp_launcher)")
+        return pg
 
     async def ready(self) -> str:
         from cluster.registry import Registry, WorkerInfo
@@ -117,6 +137,13 @@ class ManagedWorker:
 
     def ping(self) -> str:
         return self.spec.worker_id
+
+
+def _tp_engine(config, pg):
+    from cluster.tp_launcher import RayTPLauncher
+    from engine.llm_engine import LLMEngine
+
+    return LLMEngine(config, tp_launcher=RayTPLauncher(pg))
 
 
 @functools.lru_cache(maxsize=None)
