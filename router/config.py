@@ -47,6 +47,9 @@ class RouterConfig:
     """Requests waiting for a slot; one more is refused with 429 / RESOURCE_EXHAUSTED."""
     prefill_attempts: int = 3
     """Prefill workers tried (each a different one) before prefilling locally."""
+    decode_attempts: int = 2
+    """Decode workers tried (each a different one) for a sample whose decode or
+    generate stream fails before its first token."""
     directory_refresh_s: float = 1.0
     """How often the worker set and their load are refreshed."""
     worker_stats_timeout_s: float = 0.5
@@ -80,6 +83,8 @@ class RouterConfig:
             raise ValueError("max_queue must be >= 0")
         if self.prefill_attempts < 1:
             raise ValueError("prefill_attempts must be >= 1")
+        if self.decode_attempts < 1:
+            raise ValueError("decode_attempts must be >= 1")
         for name in ("directory_refresh_s", "worker_stats_timeout_s", "index_timeout_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0")

@@ -17,7 +17,7 @@ routers can live in one process, e.g. tests). What the router measures itself:
   ``prefill_compute``, ``kv_transfer``, ``decode_admission``, in seconds) they
   are recorded under the same histogram with that phase name.
 - routing: ``disagg_decision_total{decision,reason}``, ``routed_requests_total{worker,role}``,
-  ``prefill_retries_total``, index hit/query tokens, and — read at scrape time —
+  ``prefill_retries_total``, ``decode_retries_total``, index hit/query tokens, and — read at scrape time —
   ``prefix_index_degraded``, ``prefix_index_errors_total``, ``workers{role,state}``.
 """
 
@@ -92,6 +92,9 @@ class RouterMetrics:
                                  m + ["decision", "reason"], registry=r)
         self.routed = Counter(P + "routed_requests", "Samples sent to a worker", m + ["worker", "role"], registry=r)
         self.prefill_retries = Counter(P + "prefill_retries", "Prefills retried on another worker", m, registry=r)
+        self.decode_retries = Counter(P + "decode_retries",
+                                      "Decode/generate streams re-run on another decode worker after failing "
+                                      "before their first token", m, registry=r)
         self.index_query_tokens = Counter(P + "router_index_queries_tokens",
                                           "Prompt tokens looked up in the prefix index", m, registry=r)
         self.index_hit_tokens = Counter(P + "router_index_hits_tokens",

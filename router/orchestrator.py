@@ -11,6 +11,15 @@ Lifecycle of a sample (``Orchestrator.generate``):
       │            FIRST    the handle's first token is yielded at once (TTFT)
       │            DECODE   ``client.decode(handle)`` stream on the decode worker
       └─ local ──▶ GENERATE ``client.generate`` stream on the decode worker
+    RETRY     a DECODE/GENERATE stream that fails before it yielded a token
+              (worker dead, KV pull failed, worker busy) is re-run on the
+              next-best other decode worker (``decode_attempts`` in all) as a
+              GENERATE: of the prompt, or, when the first token already came
+              from the prefill worker, of prompt + first token for
+              ``max_tokens - 1`` (re-prefilling there beats depending on a hold
+              the failed worker may already have released). A stream that fails
+              after yielding tokens is not retried: the sample ends with
+              ``WorkerFailed`` saying how many tokens were streamed.
     FINISHED  a chunk with ``finish_reason``; or CLOSED early (client gone,
               stop string, error): whatever is still live is torn down in the
               background — an unanswered prefill is aborted, a held handle
@@ -30,7 +39,7 @@ import contextlib
 import logging
 import time
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, AsyncIterator, Callable
 
 from engine.hashing import hash_blocks
@@ -99,7 +108,7 @@ class Orchestrator:
     def __init__(self, directory: WorkerDirectory, index: PrefixIndex, client_for: Callable[[str], Any],
                  metrics: RouterMetrics, policy_config: policy.PolicyConfig = policy.PolicyConfig(),
                  eos_token_ids: tuple[int, ...] = (), prefill_attempts: int = 3,
-                 cleanup_timeout_s: float = 5.0):
+                 cleanup_timeout_s: float = 5.0, decode_attempts: int = 2):
         self.directory = directory
         self.index = index
         self.client_for = client_for
@@ -107,6 +116,7 @@ class Orchestrator:
         self.policy_config = policy_config
         self.eos_token_ids = tuple(eos_token_ids)
         self.prefill_attempts = prefill_attempts
+        self.decode_attempts = decode_attempts
         self.cleanup_timeout_s = cleanup_timeout_s
         self.num_inflight: dict[str, int] = defaultdict(int)
         self.pending_prefill_tokens: dict[str, int] = defaultdict(int)
@@ -120,14 +130,7 @@ class Orchestrator:
         if not any(v.role in ("decode", "colocated") for v in usable):
             raise NoWorkerAvailable("no healthy decode or colocated worker is available")
         cached = await self._match(req, usable)
-        states = [policy.WorkerState(
-            worker_id=v.worker_id, role=v.role, healthy=v.healthy, draining=v.draining,
-            num_running=v.stats.num_running if v.stats else 0,
-            num_waiting=v.stats.num_waiting if v.stats else 0,
-            num_free_blocks=v.stats.num_free_blocks if v.stats else None,
-            num_inflight=self.num_inflight[v.worker_id],
-            pending_prefill_tokens=self.pending_prefill_tokens[v.worker_id],
-            cached_blocks=cached.get(v.worker_id, 0)) for v in views.values()]
+        states = [self._state(v, cached.get(v.worker_id, 0)) for v in views.values()]
         decode_sizes = {v.block_size for v in usable if v.role in ("decode", "colocated")}
         routing = policy.RoutingRequest(len(req.prompt_token_ids), min(decode_sizes), req.params.max_tokens)
         try:
@@ -135,6 +138,27 @@ class Orchestrator:
         except policy.NoCandidate as e:
             raise NoWorkerAvailable(str(e)) from None
         return decision, views
+
+    def _state(self, v: WorkerView, cached_blocks: int = 0) -> policy.WorkerState:
+        return policy.WorkerState(
+            worker_id=v.worker_id, role=v.role, healthy=v.healthy, draining=v.draining,
+            num_running=v.stats.num_running if v.stats else 0,
+            num_waiting=v.stats.num_waiting if v.stats else 0,
+            num_free_blocks=v.stats.num_free_blocks if v.stats else None,
+            num_inflight=self.num_inflight[v.worker_id],
+            pending_prefill_tokens=self.pending_prefill_tokens[v.worker_id],
+            cached_blocks=cached_blocks)
+
+    def _next_decode(self, req: SampleRequest, exclude: set[str]) -> WorkerView | None:
+        """The least loaded healthy decode worker not in ``exclude`` (a retry), or None."""
+        views = [v for v in self.directory.views() if v.worker_id not in exclude]
+        routing = policy.RoutingRequest(len(req.prompt_token_ids) + 1, min((v.block_size for v in views),
+                                                                          default=16), req.params.max_tokens)
+        try:
+            best, _ = policy.choose_decode_worker(routing, [self._state(v) for v in views], self.policy_config)
+        except policy.NoCandidate:
+            return None
+        return next(v for v in views if v.worker_id == best.worker_id)
 
     async def _match(self, req: SampleRequest, views: list[WorkerView]) -> dict[str, int]:
         """Leading cached blocks per worker: one index round trip per distinct block size."""
@@ -194,24 +218,37 @@ class Orchestrator:
         first_logprobs = getattr(result, "first_logprobs", None)
         if first_logprobs is None:
             first_logprobs = getattr(handle, "first_logprob", None)
-        decoded = False
+        decoded = released = False
+
+        def release() -> None:
+            nonlocal released
+            if handle.block_ids and not released:
+                released = True
+                self._background(prefill_client.release(handle.request_id), "release", prefill.worker_id)
+
         try:
             yield TokenChunk([first], finish, cached,
                              logprobs=None if first_logprobs is None else [first_logprobs])
             if finish is not None:
                 return
-            stream = self._stream(req, decode, "decode", lambda c: c.decode(handle, req.params),
-                                  first_is_cached=False)
+            # a retry continues after the first token, on another worker, from scratch
+            rest = replace(req.params, max_tokens=req.params.max_tokens - 1)
+            retry = lambda c: c.generate(req.request_id, [*req.prompt_token_ids, first], rest)  # noqa: E731
+            tried = [decode.worker_id]
+            stream = self._relay(req, tried, decode, "decode", lambda c: c.decode(handle, req.params), retry,
+                                 first_is_cached=False, on_retry=release)
             async with contextlib.aclosing(stream):
                 async for chunk in stream:
-                    decoded = chunk.finish_reason is not None
+                    # only the Decode stream itself pulls (and so releases) the held blocks
+                    decoded = chunk.finish_reason is not None and len(tried) == 1
                     yield chunk
         finally:
             # A decode that finished pulled the blocks and released them; otherwise free them
             # now (release is idempotent: a no-op if the decode worker got there first or
-            # nothing was held because the request ended at its first token).
-            if not decoded and handle.block_ids:
-                self._background(prefill_client.release(handle.request_id), "release", prefill.worker_id)
+            # nothing was held because the request ended at its first token). A retry
+            # released them when it started.
+            if not decoded:
+                release()
 
     def _finish_after_first(self, token: int, params: SamplingParams) -> str | None:
         if token in params.stop_token_ids or (not params.ignore_eos and token in self.eos_token_ids):
@@ -261,11 +298,49 @@ class Orchestrator:
         return None, None
 
     async def _local(self, req: SampleRequest, decode: WorkerView) -> AsyncIterator[TokenChunk]:
-        async with contextlib.aclosing(self._stream(
-                req, decode, "generate", lambda c: c.generate(req.request_id, req.prompt_token_ids, req.params),
-                phase="local_first_token")) as stream:
+        generate = lambda c: c.generate(req.request_id, req.prompt_token_ids, req.params)  # noqa: E731
+        async with contextlib.aclosing(self._relay(req, [decode.worker_id], decode, "generate", generate,
+                                                   generate, phase="local_first_token")) as stream:
             async for chunk in stream:
                 yield chunk
+
+    async def _relay(self, req: SampleRequest, tried: list[str], worker: WorkerView, what: str,
+                     open_stream: Callable[[Any], AsyncIterator], retry: Callable[[Any], AsyncIterator],
+                     phase: str = "decode_first_token", first_is_cached: bool = True,
+                     on_retry: Callable[[], None] | None = None) -> AsyncIterator[TokenChunk]:
+        """``_stream`` on ``worker``; if it fails before yielding a token, ``retry`` (a Generate)
+        on the next other decode worker, up to ``decode_attempts`` workers in all (``tried``
+        collects their ids; ``on_retry`` runs before each retry). A failure after tokens were
+        yielded ends the sample."""
+        try:
+            while True:
+                streamed = 0
+                try:
+                    stream = self._stream(req, worker, what, open_stream, phase, first_is_cached)
+                    async with contextlib.aclosing(stream):
+                        async for chunk in stream:
+                            streamed += len(chunk.token_ids)
+                            yield chunk
+                    return
+                except (WorkerFailed, QueueFull) as e:
+                    if streamed:
+                        raise WorkerFailed(f"{what} on worker {worker.worker_id} failed after {streamed} tokens "
+                                           f"were streamed; the completion is cut short: {e.message}") from e
+                    nxt = self._next_decode(req, set(tried)) if len(tried) < self.decode_attempts else None
+                    if nxt is None:
+                        raise
+                    log.warning("request %s: %s on %s failed before its first token (%s); retrying on %s",
+                                req.request_id, what, worker.worker_id, e.message, nxt.worker_id)
+                if on_retry is not None:
+                    on_retry()
+                self.metrics.decode_retries.labels(self.metrics.model).inc()
+                self.metrics.routed.labels(self.metrics.model, nxt.worker_id, nxt.role).inc()
+                self.num_inflight[nxt.worker_id] += 1      # the first worker is counted by ``generate``
+                tried.append(nxt.worker_id)
+                worker, what, open_stream = nxt, "generate", retry
+        finally:
+            for wid in tried[1:]:
+                self.num_inflight[wid] -= 1
 
     async def _stream(self, req: SampleRequest, worker: WorkerView, what: str,
                       open_stream: Callable[[Any], AsyncIterator], phase: str = "decode_first_token",

@@ -174,7 +174,7 @@ def build_router(config: RouterConfig, *, tokenizer: RouterTokenizer | None = No
     admission = Admission(config.max_running, config.max_queue)
     policy = PolicyConfig(config.local_prefill_threshold, config.decode_affinity_slack)
     orchestrator = Orchestrator(directory, index, clients, metrics, policy, tokenizer.eos_token_ids,
-                                config.prefill_attempts)
+                                config.prefill_attempts, decode_attempts=config.decode_attempts)
     state = RouterState(config, tokenizer, directory, index, clients, metrics, admission, orchestrator, None)
     state.service = Service(config.model_names, tokenizer, orchestrator, admission, metrics, state.max_model_len)
     metrics.running.labels(config.model).set_function(lambda: admission.num_running)

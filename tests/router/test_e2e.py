@@ -320,6 +320,74 @@ def test_a_dead_prefill_worker_is_retried_around_then_prefill_goes_local(live_cl
     assert 'decision="local",model_name="tiny",reason="prefill_failed"' in text
 
 
+def test_a_dying_decode_worker_is_retried_before_its_first_token_and_reported_after(
+        live_cluster, reference, tokenizer):
+    """A second, real decode worker "d-dying" (sorted first, so the policy picks it on a tie) in a
+    router's static worker list with p0 and d0. Stopped while it streams a long completion: the
+    stream ends with an OpenAI error event and nothing stays held or running. Then, dead but still
+    listed, it is picked again and fails before any token: the sample is re-run on d0 and gives
+    exactly what one engine gives."""
+    import json
+
+    from router.config import RouterConfig
+    from router.directory import StaticWorkerDirectory, WorkerView
+    from router.server import build_router
+    from workers.host import WorkerHost
+
+    long_ids, ids = prompt(24, 40), prompt(25, 80)
+
+    async def run():
+        dying = WorkerHost(live_engine_config(live_cluster.model_dir), "decode", worker_id="d-dying")
+        await dying.start()
+        tasks = []
+        try:
+            workers = [WorkerView("p0", "prefill", live_cluster.hosts["p0"].address),
+                       WorkerView("d-dying", "decode", dying.address),
+                       WorkerView("d0", "decode", live_cluster.hosts["d0"].address)]
+            config = RouterConfig(model=LIVE_MODEL, max_model_len=512, local_prefill_threshold=8, grpc_port=0)
+            app, _ = build_router(config, tokenizer=tokenizer, directory=StaticWorkerDirectory(workers))
+
+            async def stop_mid_stream():
+                while (await dying.engine_stats()).num_running == 0:
+                    await asyncio.sleep(0.005)
+                await asyncio.sleep(0.1)                  # a few tokens reach the router
+                await dying.stop(grace=None)
+
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://r",
+                                         timeout=60) as c:
+                stopper = asyncio.create_task(stop_mid_stream())
+                tasks.append(stopper)
+                cut = await c.post("/v1/completions", json={"model": LIVE_MODEL, "prompt": long_ids,
+                                                            "max_tokens": 400, "stream": True, **GREEDY})
+                await stopper
+                retried = await c.post("/v1/completions", json={"model": LIVE_MODEL, "prompt": ids,
+                                                                "max_tokens": 12, **GREEDY})
+            await app.state.router.close()
+            return cut, retried, app.state.router.metrics.render().decode()
+        finally:
+            if not (tasks and tasks[0].done()):
+                for t in tasks:
+                    t.cancel()
+                await dying.stop(grace=None)
+
+    cut, retried, text = live_cluster.call(run())
+    events = [line[len("data: "):] for line in cut.text.splitlines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    error = json.loads(events[-2])["error"]
+    assert error["code"] == "worker_failed" and "tokens were streamed" in error["message"], error
+    assert sum(1 for e in events[:-2] if json.loads(e)["choices"][0]["text"]) >= 1
+    assert retried.status_code == 200, retried.text
+    assert retried.json()["choices"][0]["text"] == tokenizer.decode(reference(ids, 12))
+    assert 'baton:decode_retries_total{model_name="tiny"} 1.0' in text
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        stats = live_cluster.worker_stats()
+        if all(s.num_running == s.num_waiting == s.num_held == 0 for s in stats.values()):
+            break
+        time.sleep(0.05)
+    assert all(s.num_running == s.num_waiting == s.num_held == 0 for s in stats.values()), stats
+
+
 def test_without_redis_the_in_process_index_routes_by_prefix(live_cluster, tokenizer):
     """``baton up`` without Redis: a static worker list, and an in-process index the
     workers feed from their block-event hooks."""
