@@ -233,7 +233,7 @@ class Orchestrator:
                 return
             # a retry continues after the first token, on another worker, from scratch
             rest = replace(req.params, max_tokens=req.params.max_tokens - 1)
-            retry = lambda c: c.generate(req.request_id, [*req.prompt_token_ids, first], rest)  # noqa: E731
+            retry = lambda c: c.generate(req.request_id, [*req.prompt_token_ids, first], rest)
             tried = [decode.worker_id]
             stream = self._relay(req, tried, decode, "decode", lambda c: c.decode(handle, req.params), retry,
                                  first_is_cached=False, on_retry=release)
@@ -298,7 +298,7 @@ class Orchestrator:
         return None, None
 
     async def _local(self, req: SampleRequest, decode: WorkerView) -> AsyncIterator[TokenChunk]:
-        generate = lambda c: c.generate(req.request_id, req.prompt_token_ids, req.params)  # noqa: E731
+        generate = lambda c: c.generate(req.request_id, req.prompt_token_ids, req.params)
         async with contextlib.aclosing(self._relay(req, [decode.worker_id], decode, "generate", generate,
                                                    generate, phase="local_first_token")) as stream:
             async for chunk in stream:
