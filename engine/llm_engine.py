@@ -25,6 +25,10 @@ Decisions:
   behind the device work of the next. A request that step N finishes (EOS, stop
   string) has computed one wasted token in N+1, which ``update`` ignores;
   finishes by length are foreseen and not scheduled.
+- On CUDA the engine ends its start-up with ``gc.collect(); gc.freeze()``: the
+  objects alive then (model, torch, tokenizer) are never scanned again by the
+  cyclic GC, whose full collections otherwise stall a step by ~100 ms
+  (benchmarks/decode_steady.py shows it).
 - ``tensor_parallel_size > 1``: this engine is rank 0 of a TP group; the
   scheduler, block manager, sampler and tokenizer live here only, and every
   step's runner inputs are replayed by the other ranks
@@ -33,6 +37,7 @@ Decisions:
 
 from __future__ import annotations
 
+import gc
 import math
 import time
 import torch
@@ -75,6 +80,11 @@ class LLMEngine:
         self._sent: dict[str, tuple[int, int]] = {}      # per sample: (tokens, chars) already streamed
         self._inflight = None                            # async scheduling: the step on the device
         self._async = config.use_async_scheduling
+        if self.device.type == "cuda":
+            # the model, torch and the tokenizer are millions of long-lived objects: a full
+            # collection over them stalls a decode step by ~100 ms (H100 host, B=128)
+            gc.collect()
+            gc.freeze()
 
     def _build(self, config: EngineConfig, load_model, tp) -> None:
         loaded = load_model(config.model, self.dtype, self.device, seed=config.seed,
