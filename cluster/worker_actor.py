@@ -54,13 +54,13 @@ class ManagedWorker:
             import ray
 
             advertise = ray.util.get_node_ip_address()
+        launcher = None
+        if s.engine.tensor_parallel_size > 1:      # the other ranks live in this worker's placement group
+            from cluster.tp_launcher import RayTPLauncher
+            launcher = RayTPLauncher(self._placement_group())
         host = WorkerHost(s.engine, s.role, worker_id=s.worker_id, host=s.host, advertise_host=advertise,
                           metrics_port=0 if s.metrics else None, redis_url=s.store_url,
-                          index_model=s.engine.model, index_namespace=s.namespace)
-        if s.engine.tensor_parallel_size > 1:
-            # WorkerHost builds LLMEngine(config) with local rank processes; in Ray the ranks live in this
-            # worker's placement group. (workers.EngineLoop takes the factory; WorkerHost has no seat for it.)
-            host.loop._make_engine = functools.partial(_tp_engine, host.engine_config, self._placement_group())
+                          index_model=s.engine.model, index_namespace=s.namespace, tp_launcher=launcher)
         return host
 
     def _placement_group(self):
@@ -137,13 +137,6 @@ class ManagedWorker:
 
     def ping(self) -> str:
         return self.spec.worker_id
-
-
-def _tp_engine(config, pg):
-    from cluster.tp_launcher import RayTPLauncher
-    from engine.llm_engine import LLMEngine
-
-    return LLMEngine(config, tp_launcher=RayTPLauncher(pg))
 
 
 @functools.lru_cache(maxsize=None)

@@ -54,9 +54,9 @@ log = logging.getLogger(__name__)
 ROLES = {"prefill": "prefill", "decode": "both", "colocated": "both"}
 
 
-def _make_engine(config: EngineConfig):
+def _make_engine(config: EngineConfig, tp_launcher=None):
     from engine.llm_engine import LLMEngine
-    return LLMEngine(config)
+    return LLMEngine(config, tp_launcher=tp_launcher)
 
 
 class WorkerHost:
@@ -67,7 +67,9 @@ class WorkerHost:
                  expire_interval_s: float = 1.0, redis_url: str | None = None, epoch: str | None = None,
                  index_model: str | None = None, index_namespace: str | None = None,
                  on_block_events: Callable[[list], Any] | list | None = None,
-                 kv_transfer_options: dict | None = None):
+                 kv_transfer_options: dict | None = None, tp_launcher=None):
+        """``tp_launcher``: how the engine starts its other tensor-parallel ranks
+        (engine/tp_executor.py; in Ray: cluster.tp_launcher.RayTPLauncher)."""
         if role not in ROLES:
             raise ValueError(f"role must be one of {sorted(ROLES)}, got {role!r}")
         if engine_config.mode != ROLES[role]:
@@ -90,7 +92,7 @@ class WorkerHost:
         self.address: str | None = None
         self.layout: KVLayout | None = None
         self.max_model_len = 0
-        self.loop = EngineLoop(lambda: _make_engine(self.engine_config), on_block_events=hooks,
+        self.loop = EngineLoop(lambda: _make_engine(self.engine_config, tp_launcher), on_block_events=hooks,
                                on_expired=lambda ids: self.metrics.expired(len(ids)),
                                expire_interval_s=expire_interval_s)
         self.metrics = WorkerMetrics(self.worker_id, role, lambda: self.loop.last_stats)
