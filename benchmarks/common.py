@@ -22,8 +22,8 @@ def environment(device: str = "cpu") -> dict:
                                        cwd=Path(__file__).parent).stdout.strip()
     except OSError:
         env["commit"] = ""
-    # a copy without .git (the GPU machine) names its commit in BATON_COMMIT
-    env["commit"] = env["commit"] or __import__("os").environ.get("BATON_COMMIT", "unknown")
+    # a copy sent to a GPU machine names its commit in BATON_COMMIT (its .git, if any, may be stale)
+    env["commit"] = __import__("os").environ.get("BATON_COMMIT") or env["commit"] or "unknown"
     if device.startswith("cuda"):
         env["gpu"] = torch.cuda.get_device_name()
         try:
