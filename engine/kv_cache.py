@@ -55,7 +55,12 @@ class KVCache:
     def _index(self, block_ids: list[int]) -> torch.Tensor:
         if any(b < 0 or b >= self.num_blocks for b in block_ids):
             raise ValueError(f"block ids out of range [0, {self.num_blocks})")
-        return torch.tensor(block_ids, dtype=torch.long, device=self.device)
+        index = torch.tensor(block_ids, dtype=torch.long)
+        if self.device.type != "cuda":
+            return index
+        # pinned + non-blocking: a pageable copy would block this thread until the
+        # stream (the engine's, or a KV pair's after the engine's) drains
+        return index.pin_memory().to(self.device, non_blocking=True)
 
     def _rows(self, t: torch.Tensor) -> torch.Tensor:
         """``[L*2, n, words]``: each block of a layer's K or V as one row of the widest
