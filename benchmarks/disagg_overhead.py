@@ -134,7 +134,7 @@ async def run(cfg, commands, replies, store_address, layout) -> list[dict]:
             if i >= cfg["warmup"]:
                 rows.append({"colocated_ttft_s": colocated_s, "prefill_s": prefill_s,
                              "transfer_s": rx.stats.seconds, "transfer_wire_s": rx.wire_seconds,
-                             "import_s": import_s, "bytes": rx.stats.num_bytes,
+                             "import_s": import_s, "bytes": rx.stats.num_bytes, "wire_phases_ms": rx.wire_phases,
                              "transport": rx.stats.transport})
                 print(f"colocated {colocated_s * 1e3:7.2f} ms  prefill {prefill_s * 1e3:7.2f} ms  transfer "
                       f"{rx.stats.seconds * 1e3:6.3f} ms ({rx.stats.num_bytes / 2**20:.0f} MiB)  import "

@@ -21,6 +21,8 @@ Per size (median of ``--iters`` pulls after warm-ups):
 - ``raw_pull``: request/response on raw NCCL (4-byte request, then the bytes
   from a preallocated buffer), median — what any pull over NCCL pays at least.
 Each size's first pull is checked bit-exactly against the holder's checksum.
+``receiver_phases_ms`` / ``holder_phases_ms``: medians of where a pull's time
+goes (``PullResult.phases``, ``PairHost.timings``).
 """
 
 from __future__ import annotations
@@ -98,6 +100,10 @@ def holder_main(cfg: dict, commands, replies) -> None:
         if cmd[0] == "exit":
             host.close()
             return
+        if cmd[0] == "timings":                        # the holder's side of the pulls so far
+            replies.put(list(host.timings))
+            host.timings.clear()
+            continue
         kind, nbytes, iters = cmd                      # ("raw" | "raw_pull", nbytes, iters)
         buf = bufs.setdefault(nbytes, torch.empty(nbytes, dtype=torch.uint8, device=dev))
         if kind == "raw":
@@ -133,7 +139,7 @@ async def measure(cfg, store_address, holds, commands, replies, raw) -> list[dic
             ids, expected = holds[n]
             handle = KVHandle(f"r{n}", "holder", "", ids, n * spec.block_size, 0, layout,
                               transport="nccl", transport_address=store_address)
-            e2e, wire = [], []
+            e2e, wire, phases = [], [], []
             for i in range(cfg["warmup"] + cfg["iters"]):
                 rx = NcclKVReceiver(layout, nccl_endpoint=endpoint, allow_gloo=gloo)
                 rx.start(handle)
@@ -147,12 +153,18 @@ async def measure(cfg, store_address, holds, commands, replies, raw) -> list[dic
                 if i >= cfg["warmup"]:
                     e2e.append(rx.stats.seconds)
                     wire.append(rx.wire_seconds)
+                    phases.append(rx.wire_phases)
+            commands.put(("timings",))
+            held = replies.get(timeout=60)[-cfg["iters"]:]
             nbytes = n * spec.bytes_per_block
             raw_s = raw_transfer(raw, dev, nbytes, cfg["iters"], commands, replies)
             pull_s = raw_pull(raw, dev, nbytes, cfg["iters"], commands, replies)
             row = {"mbytes": nbytes / MB, "bytes": nbytes, "blocks": n,
                    "ours_e2e_ms": statistics.median(e2e) * 1e3, "ours_wire_ms": statistics.median(wire) * 1e3,
-                   "raw_ms": raw_s * 1e3, "raw_pull_ms": pull_s * 1e3}
+                   "raw_ms": raw_s * 1e3, "raw_pull_ms": pull_s * 1e3,
+                   "receiver_phases_ms": {k: round(statistics.median(p[k] for p in phases), 4) for k in phases[0]},
+                   "holder_phases_ms": {k: round(statistics.median(t[k] for t in held), 4)
+                                        for k in held[0] if k != "nbytes"}}
             for k in ("ours_e2e", "ours_wire", "raw", "raw_pull"):
                 row[f"{k}_gbps"] = nbytes / (row[f"{k}_ms"] / 1e3) / 1e9
             for k in ("e2e", "wire"):
@@ -163,7 +175,8 @@ async def measure(cfg, store_address, holds, commands, replies, raw) -> list[dic
                   f"{row['ours_wire_gbps']:7.1f} GB/s  raw {row['raw_gbps']:7.1f} GB/s  raw pull "
                   f"{row['raw_pull_gbps']:7.1f} GB/s  ratio e2e {row['ratio_e2e']:.2f} wire "
                   f"{row['ratio_wire']:.2f} (vs raw pull {row['ratio_e2e_vs_raw_pull']:.2f} / "
-                  f"{row['ratio_wire_vs_raw_pull']:.2f})", flush=True)
+                  f"{row['ratio_wire_vs_raw_pull']:.2f})\n    receiver {row['receiver_phases_ms']}  holder "
+                  f"{row['holder_phases_ms']}", flush=True)
     finally:
         endpoint.close()
     return rows

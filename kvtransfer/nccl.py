@@ -75,7 +75,8 @@ class NcclKVReceiver(KVReceiver):
         self.allow_gloo = allow_gloo
         self.grpc_options = grpc_options
         self.stats.transport = "nccl"
-        self.wire_seconds = 0.0     # request sent → bytes landed, on the pair's thread (no event-loop hops)
+        self.wire_seconds = 0.0     # recv posted → bytes landed (no event-loop hops)
+        self.wire_phases: dict = {}  # its parts in ms (kvtransfer.nccl_pairs.PullResult.phases)
 
     def _no_path(self, endpoint: PairClient) -> str | None:
         if not self.handle.transport_address:
@@ -101,6 +102,7 @@ class NcclKVReceiver(KVReceiver):
         self.stats.num_bytes = result.data.numel() * result.data.element_size()
         self.stats.num_chunks = 1
         self.wire_seconds = result.seconds
+        self.wire_phases = result.phases
         return result.data
 
     async def _fallback(self, reason: str) -> torch.Tensor:

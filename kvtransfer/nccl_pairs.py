@@ -66,7 +66,9 @@ class NoPath(Exception):
 @dataclass
 class PullResult:
     data: torch.Tensor      # the holder's wire shape, on the receiver's device
-    seconds: float          # request sent → bytes landed (on the pair thread)
+    seconds: float          # recv posted → bytes landed
+    phases: dict            # ms: post_recv (recv posted + PULL pickled), landed (PULL sent → bytes
+                            # seen), finish (stream ordering + reading the reply)
 
 
 class ClientPair:
@@ -128,7 +130,8 @@ class ClientPair:
             t0 = time.perf_counter()
             try:
                 work = self.channel.post("recv", buf)       # posted before asking: the send lands at once
-                send_msg(self.sock, ("pull", slim, start_block, nbytes))
+                t_ask = time.perf_counter()
+                send_msg(self.sock, ("pull", slim, start_block, nbytes, t_ask))
                 done = self.channel.probe(work)
                 if done is None:                            # gloo (CPU tests): wait on the pair's thread
                     await loop.run_in_executor(self.executor, self.channel.finish, work)
@@ -142,17 +145,20 @@ class ClientPair:
                     if peer_closed(self.sock):
                         raise ConnectionError("the holder closed the pair")
                     await asyncio.sleep(_POLL_S)
-                seconds = time.perf_counter() - t0
+                t_landed = time.perf_counter()
+                seconds = t_landed - t0
                 if done is not None:
                     self.channel.finish(work)               # orders the caller's stream after the bytes
                 reply = recv_msg(self.sock)
+                phases = dict(post_recv=1e3 * (t_ask - t0), landed=1e3 * (t_landed - t_ask),
+                              finish=1e3 * (time.perf_counter() - t_landed))
             except Exception as e:
                 await loop.run_in_executor(self.executor, self.close, True)
                 raise KVTransferError(f"pair with {self.store_address} broke during a pull: {e}") from None
         if reply[0] != "ok":
             _, kind, message = reply
             raise _ERRORS.get(kind, KVTransferError)(message)
-        return PullResult(buf.view(dtype).view(shape), seconds)
+        return PullResult(buf.view(dtype).view(shape), seconds, phases)
 
     def close(self, abort: bool = False) -> None:
         if self.broken:

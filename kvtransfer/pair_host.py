@@ -9,6 +9,8 @@ import logging
 import pickle
 import socket
 import threading
+import time
+from collections import deque
 from typing import Callable
 
 import torch
@@ -38,6 +40,10 @@ class PairHost:
         self.store.set("info", pickle.dumps({"host_id": host_id(), "backend": backend_name(self.device),
                                              "control_port": self._listener.getsockname()[1]}))
         self.pairs: dict[int, "_HostPair"] = {}
+        # the last pulls' phases in ms (benchmarks/kv_transfer.py reports them): ``wake`` PULL
+        # sent by the receiver → read here (one monotonic clock per host), ``export`` the
+        # export's host time, ``posted`` PULL read → send posted, ``sent`` → send completed
+        self.timings: deque[dict] = deque(maxlen=256)
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
         self._closed = False
@@ -87,8 +93,8 @@ class _HostPair:
                 msg = recv_msg(self.sock)
                 if msg[0] == "bye":
                     break
-                _, handle, start_block, nbytes = msg
-                self._serve(handle, start_block, nbytes)
+                _, handle, start_block, nbytes, sent_at = msg
+                self._serve(handle, start_block, nbytes, sent_at)
         except (ConnectionError, OSError, EOFError):
             pass                                                    # the receiver left
         except Exception:
@@ -96,7 +102,8 @@ class _HostPair:
         finally:
             self.shutdown()
 
-    def _serve(self, handle: KVHandle, start_block: int, nbytes: int) -> None:
+    def _serve(self, handle: KVHandle, start_block: int, nbytes: int, sent_at: float) -> None:
+        t_in = time.perf_counter()
         ch = self.channel
         reply = ("ok",)
         try:
@@ -110,8 +117,14 @@ class _HostPair:
             kind = "not_found" if isinstance(e, KVNotFound) else "stale" if isinstance(e, KVStaleHandle) else "error"
             reply = ("err", kind, str(e) or type(e).__name__)
             buf = torch.empty(nbytes, dtype=torch.uint8, device=ch.device)   # keeps the pair in step
+        t_exported = time.perf_counter()
         send_msg(self.sock, reply)            # first: the receiver reads it once the bytes landed
-        ch.finish(ch.post("send", buf))
+        work = ch.post("send", buf)
+        t_posted = time.perf_counter()
+        ch.finish(work)
+        self.host.timings.append(dict(
+            wake=1e3 * (t_in - sent_at), export=1e3 * (t_exported - t_in), posted=1e3 * (t_posted - t_in),
+            sent=1e3 * (time.perf_counter() - t_posted), nbytes=nbytes))
 
     def shutdown(self) -> None:
         with self.host._lock:
