@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 
@@ -53,9 +54,10 @@ class KVCache:
         return self.tensor[i, 0], self.tensor[i, 1]
 
     def _index(self, block_ids: list[int]) -> torch.Tensor:
-        if any(b < 0 or b >= self.num_blocks for b in block_ids):
+        ids = np.asarray(block_ids, dtype=np.int64)
+        if ids.size and (ids.min() < 0 or ids.max() >= self.num_blocks):
             raise ValueError(f"block ids out of range [0, {self.num_blocks})")
-        index = torch.tensor(block_ids, dtype=torch.long)
+        index = torch.from_numpy(ids)
         if self.device.type != "cuda":
             return index
         # pinned + non-blocking: a pageable copy would block this thread until the

@@ -118,9 +118,9 @@ class _HostPair:
             reply = ("err", kind, str(e) or type(e).__name__)
             buf = torch.empty(nbytes, dtype=torch.uint8, device=ch.device)   # keeps the pair in step
         t_exported = time.perf_counter()
-        send_msg(self.sock, reply)            # first: the receiver reads it once the bytes landed
         work = ch.post("send", buf)
         t_posted = time.perf_counter()
+        send_msg(self.sock, reply)            # the receiver reads it once the bytes landed
         ch.finish(work)
         self.host.timings.append(dict(
             wake=1e3 * (t_in - sent_at), export=1e3 * (t_exported - t_in), posted=1e3 * (t_posted - t_in),
