@@ -34,6 +34,18 @@ GREEDY = dict(temperature=0.0, ignore_eos=True)            # gRPC and raw JSON
 OAI_GREEDY = dict(temperature=0.0, extra_body={"ignore_eos": True})   # the openai client's spelling
 
 
+
+def assert_workers_idle(cluster, timeout=5.0):
+    """Every worker ends with nothing running, waiting or held (no leak)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        stats = cluster.worker_stats()
+        idle = all(s.num_running == s.num_waiting == s.num_held == 0 for s in stats.values())
+        if idle or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert idle, stats
+
 def prompt(seed: int, n: int) -> list[int]:
     """n token ids, distinct per seed (so tests do not share prefixes by accident)."""
     return [1000 + (seed * 997 + i * 31) % 40000 for i in range(n)]
@@ -278,13 +290,7 @@ def test_a_full_queue_is_429_and_disconnected_clients_leave_nothing_running(live
     for s in streams:
         s.close()                                           # the clients go away mid-stream
     assert "".join(c.choices[0].text for c in queued if c.choices) != ""   # the queued one ran
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline:
-        stats = live_cluster.worker_stats()
-        if all(s.num_running == s.num_waiting == s.num_held == 0 for s in stats.values()):
-            break
-        time.sleep(0.05)
-    assert all(s.num_running == s.num_waiting == s.num_held == 0 for s in stats.values()), stats
+    assert_workers_idle(live_cluster)
     assert metric(live_cluster, "baton:num_requests_running") == 0
 
 
@@ -379,13 +385,7 @@ def test_a_dying_decode_worker_is_retried_before_its_first_token_and_reported_af
     assert retried.status_code == 200, retried.text
     assert retried.json()["choices"][0]["text"] == tokenizer.decode(reference(ids, 12))
     assert 'baton:decode_retries_total{model_name="tiny"} 1.0' in text
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline:
-        stats = live_cluster.worker_stats()
-        if all(s.num_running == s.num_waiting == s.num_held == 0 for s in stats.values()):
-            break
-        time.sleep(0.05)
-    assert all(s.num_running == s.num_waiting == s.num_held == 0 for s in stats.values()), stats
+    assert_workers_idle(live_cluster)
 
 
 def test_without_redis_the_in_process_index_routes_by_prefix(live_cluster, tokenizer):
