@@ -53,7 +53,10 @@ class RouterConfig:
     directory_refresh_s: float = 1.0
     """How often the worker set and their load are refreshed."""
     worker_stats_timeout_s: float = 0.5
-    """Timeout of one worker stats poll; a worker that misses it is unhealthy."""
+    """Timeout of one worker stats poll."""
+    worker_unhealthy_after: int = 3
+    """Stats polls timed out in a row before a worker counts as unhealthy (a poll
+    that errs — connection refused — counts at once)."""
     index_timeout_s: float = 0.1
     """Timeout of one prefix-index round trip (then: route by load alone)."""
     index_epoch_ttl_s: float = 1.0
@@ -85,6 +88,8 @@ class RouterConfig:
             raise ValueError("prefill_attempts must be >= 1")
         if self.decode_attempts < 1:
             raise ValueError("decode_attempts must be >= 1")
+        if self.worker_unhealthy_after < 1:
+            raise ValueError("worker_unhealthy_after must be >= 1")
         for name in ("directory_refresh_s", "worker_stats_timeout_s", "index_timeout_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0")

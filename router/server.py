@@ -154,10 +154,12 @@ def _make_directory(config: RouterConfig, clients: ClientPool) -> WorkerDirector
     if config.redis_url is not None:
         return RedisWorkerDirectory(config.redis_url, config.model, config.namespace, client_for=clients,
                                     refresh_s=config.directory_refresh_s,
-                                    stats_timeout_s=config.worker_stats_timeout_s)
+                                    stats_timeout_s=config.worker_stats_timeout_s,
+                                    unhealthy_after=config.worker_unhealthy_after)
     views = [WorkerView(wid, role, address) for wid, role, address in config.workers]
     return StaticWorkerDirectory(views, client_for=clients, refresh_s=config.directory_refresh_s,
-                                 stats_timeout_s=config.worker_stats_timeout_s)
+                                 stats_timeout_s=config.worker_stats_timeout_s,
+                                 unhealthy_after=config.worker_unhealthy_after)
 
 
 def build_router(config: RouterConfig, *, tokenizer: RouterTokenizer | None = None,

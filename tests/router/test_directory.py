@@ -5,6 +5,7 @@ import time
 import pytest
 
 from cluster.registry import Registry, WorkerInfo
+from protos.gen import worker_pb2_grpc
 from router.directory import RedisWorkerDirectory, StaticWorkerDirectory, WorkerView
 
 
@@ -96,3 +97,53 @@ async def test_a_redis_that_restarted_empty_does_not_make_the_workers_vanish(red
         assert [v.worker_id for v in directory.views()] == ["d1"]
     finally:
         await directory.close()
+
+
+class SlowStats(worker_pb2_grpc.WorkerServicer):
+    """A real gRPC worker endpoint whose Stats answers after ``delay_s`` (a busy worker)."""
+
+    delay_s = 0.0
+
+    async def Stats(self, request, context):
+        import asyncio
+        from protos.gen import worker_pb2 as pb
+        await asyncio.sleep(self.delay_s)
+        return pb.WorkerStats(num_running=3, num_free_blocks=50, max_model_len=256)
+
+
+async def test_a_slow_worker_stays_routable_for_a_few_polls_a_dead_one_does_not():
+    import grpc
+    from router.server import ClientPool
+
+    server = grpc.aio.server()
+    worker_pb2_grpc.add_WorkerServicer_to_server(SlowStats(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    clients = ClientPool()
+    with __import__("socket").socket() as s:            # an address nobody listens on: a dead worker
+        s.bind(("127.0.0.1", 0))
+        dead_port = s.getsockname()[1]
+    directory = StaticWorkerDirectory([WorkerView("d0", "decode", f"127.0.0.1:{port}"),
+                                       WorkerView("d1", "decode", f"127.0.0.1:{dead_port}")],
+                                      client_for=clients, stats_timeout_s=0.2, unhealthy_after=3)
+    try:
+        await directory.refresh()
+        d0, d1 = directory.views()
+        assert d0.healthy and d0.stats.num_running == 3 and d0.max_model_len == 256
+        assert not d1.healthy                             # refused: unhealthy at the first poll
+        SlowStats.delay_s = 1.0                           # d0 turns busy: its polls time out
+        for missed in (1, 2):
+            await directory.refresh()
+            d0 = directory.get("d0")
+            assert d0.healthy and d0.stats.num_running == 3, missed   # last known load kept
+        await directory.refresh()
+        assert not directory.get("d0").healthy            # the third timeout in a row
+        SlowStats.delay_s = 0.0
+        await directory.refresh()
+        assert directory.get("d0").healthy
+    finally:
+        SlowStats.delay_s = 0.0
+        await directory.close()
+        for c in clients.clients.values():
+            await c.close()
+        await server.stop(0)
