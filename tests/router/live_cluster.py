@@ -17,11 +17,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def live_engine_config(model_dir):
+def live_engine_config(model_dir, **kw):
     from engine.config import EngineConfig
 
     return EngineConfig(model=str(model_dir), block_size=LIVE_BLOCK_SIZE, num_kv_blocks=256,
-                        max_model_len=LIVE_MAX_MODEL_LEN, max_num_batched_tokens=512)
+                        max_model_len=LIVE_MAX_MODEL_LEN, max_num_batched_tokens=512, **kw)
 
 
 class LiveCluster:
@@ -61,8 +61,10 @@ class LiveCluster:
     async def _start_workers(self):
         from workers.host import WorkerHost
 
+        # the decode worker schedules asynchronously, as on a GPU (one step in flight)
         for wid, role in (("p0", "prefill"), ("p1", "prefill"), ("d0", "decode")):
-            self.hosts[wid] = WorkerHost(live_engine_config(self.model_dir), role, worker_id=wid,
+            cfg = live_engine_config(self.model_dir, async_scheduling=role == "decode")
+            self.hosts[wid] = WorkerHost(cfg, role, worker_id=wid,
                                          redis_url=self.redis_url, index_model=LIVE_MODEL)
         await asyncio.gather(*(h.start() for h in self.hosts.values()))
 

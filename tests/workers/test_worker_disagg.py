@@ -41,9 +41,12 @@ def reference(tiny_model_dir):
     return Reference(tiny_model_dir)
 
 
-@pytest.fixture
-async def pair(tiny_model_dir):
-    """A prefill and a decode worker; corrupt_chunk[0] = index of a chunk to corrupt in flight."""
+@pytest.fixture(params=[False, True], ids=["sync", "async"])
+async def pair(tiny_model_dir, request):
+    """A prefill and a decode worker; corrupt_chunk[0] = index of a chunk to corrupt in flight.
+    The decode worker runs both ways: synchronous steps (the CPU default) and async
+    scheduling (the GPU default), where KV imports and aborts land between a step's
+    launch and its outputs."""
     corrupt = [None]
 
     def hook(chunk):
@@ -52,7 +55,7 @@ async def pair(tiny_model_dir):
 
     prefill = WorkerHost(config(tiny_model_dir), "prefill", worker_id="p0",
                          kv_transfer_options={"chunk_hook": hook, "max_chunk_bytes": 4096})
-    decode = WorkerHost(config(tiny_model_dir), "decode", worker_id="d0")
+    decode = WorkerHost(config(tiny_model_dir, async_scheduling=request.param), "decode", worker_id="d0")
     await asyncio.gather(prefill.start(), decode.start())
     pc, dc = WorkerClient(prefill.address), WorkerClient(decode.address)
     yield prefill, decode, pc, dc, corrupt
