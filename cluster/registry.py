@@ -6,7 +6,7 @@ Lifecycle of a worker in the registry (key patterns in ``cluster/keys.py``):
 2. ``heartbeat(info, stats)`` every ``heartbeat_interval_s``: refreshes the
    alive key's TTL, stores the load numbers (``stats_key``) and re-creates the
    ``workers`` entry if it vanished (``HSETNX``: a Redis that restarted empty
-   refills itself). ``Heartbeat`` does this from a thread.
+   refills itself). ``Heartbeat`` does this (from a thread or an asyncio task).
 3. Draining: the controller calls ``set_draining(worker_id)``, which rewrites
    the entry with ``draining=true``; heartbeats never overwrite an existing
    entry, so they cannot undo it. Routers send no new requests to a draining
@@ -26,6 +26,8 @@ controller, at start and every few seconds) clears entries nobody owns any more
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import json
 import logging
 import secrets
@@ -199,14 +201,23 @@ class Registry:
 
 
 class Heartbeat:
-    """Background thread: ``registry.heartbeat(info, stats_fn())`` every ``interval_s``,
-    then ``writer.maintain()`` if a prefix-index writer is given. Errors are logged
-    (once per outage) and retried; the worker keeps serving.
+    """One worker's heartbeat, the only one in Baton: a beat is
+    ``registry.heartbeat(info, stats_fn())``, then ``writer.maintain()`` if a
+    prefix-index writer is given (so the index heals after a Redis outage).
+    Errors are logged (once per outage) and retried; the worker keeps serving;
+    ``ok`` is the last beat's outcome.
 
-    Lifecycle: ``start()`` after the first ``register``; ``stop()`` before ``deregister``."""
+    Two drivers of the same beat:
+    - a thread, for a sync registry client: ``start()`` after the first
+      ``register``, ``stop()`` before ``deregister`` (tests, live_cluster);
+    - an asyncio task, for an asyncio client (``ManagedWorker``):
+      ``loop.create_task(hb.run())`` after the first ``aregister``, cancel the
+      task before ``aderegister``. There ``stats_fn`` may be a coroutine
+      function and ``writer.maintain()`` runs in a thread (it is sync).
+    Both wait ``interval_s`` before the first beat (``register`` was one)."""
 
     def __init__(self, registry: Registry, info: WorkerInfo, interval_s: float = 1.0,
-                 stats_fn: Callable[[], dict] | None = None, writer: Any = None) -> None:
+                 stats_fn: Callable[[], Any] | None = None, writer: Any = None) -> None:
         self.registry = registry
         self.info = info
         self.interval_s = interval_s
@@ -216,19 +227,46 @@ class Heartbeat:
         self._thread: threading.Thread | None = None
         self.ok = True
 
+    def _record(self, error: Exception | None) -> bool:
+        if error is None:
+            if not self.ok:
+                log.info("heartbeat for %s restored", self.info.worker_id)
+            self.ok = True
+        else:
+            if self.ok:
+                log.warning("heartbeat for %s failed: %s", self.info.worker_id, error)
+            self.ok = False
+        return self.ok
+
     def beat(self) -> bool:
+        """One beat with a sync registry client."""
         try:
             self.registry.heartbeat(self.info, self.stats_fn() if self.stats_fn else None)
             if self.writer is not None:
                 self.writer.maintain()
-            if not self.ok:
-                log.info("heartbeat for %s restored", self.info.worker_id)
-            self.ok = True
         except Exception as e:
-            if self.ok:
-                log.warning("heartbeat for %s failed: %s", self.info.worker_id, e)
-            self.ok = False
-        return self.ok
+            return self._record(e)
+        return self._record(None)
+
+    async def abeat(self) -> bool:
+        """One beat with an asyncio registry client."""
+        try:
+            stats = self.stats_fn() if self.stats_fn else None
+            if inspect.isawaitable(stats):
+                stats = await stats
+            await self.registry.aheartbeat(self.info, stats)
+            if self.writer is not None:
+                await asyncio.to_thread(self.writer.maintain)
+        except Exception as e:          # the store is down: keep serving, keep trying
+            return self._record(e)
+        return self._record(None)
+
+    # -- drivers ----------------------------------------------------------
+    async def run(self) -> None:
+        """``abeat()`` every ``interval_s`` until the task is cancelled."""
+        while True:
+            await asyncio.sleep(self.interval_s)
+            await self.abeat()
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):

@@ -6,7 +6,7 @@ Lifecycle (one actor = one worker start = one epoch):
 2. ``ready()`` — the host starts (engine loaded, gRPC server bound, prefix-index
    writer on its block events, /metrics port), then the worker registers
    itself (``WorkerInfo`` with its address and epoch) and starts heartbeating
-   from the actor's event loop: alive key + stats every
+   from the actor's event loop (``registry.Heartbeat.run``): alive key + stats every
    ``heartbeat_interval_s``, and ``writer.maintain()`` so the index heals after
    a Redis outage. Returns the address; from now on routers may use it.
 3. ``stats()`` — the host's ``WorkerStats`` (the controller polls it).
@@ -42,8 +42,8 @@ class ManagedWorker:
         self.host = None
         self.info = None
         self._registry = None
-        self._beat: asyncio.Task | None = None
-        self._beat_ok = True
+        self._heartbeat = None                      # cluster.registry.Heartbeat, from ready()
+        self._beat: asyncio.Task | None = None      # its asyncio driver
 
     def _make_host(self):
         from workers.host import WorkerHost
@@ -73,7 +73,7 @@ class ManagedWorker:
         return pg
 
     async def ready(self) -> str:
-        from cluster.registry import Registry, WorkerInfo
+        from cluster.registry import Heartbeat, Registry, WorkerInfo
         from cluster.store import connect
 
         if self.host is not None and self.host.address:
@@ -86,33 +86,17 @@ class ManagedWorker:
                                max_model_len=self.host.max_model_len)
         self._registry = Registry(connect(s.store_url, asyncio=True), s.namespace, s.heartbeat_ttl_s)
         await self._registry.aregister(self.info, await self._stats_dict())
-        self._beat = asyncio.get_running_loop().create_task(self._heartbeat_loop())
+        self._heartbeat = Heartbeat(self._registry, self.info, s.heartbeat_interval_s,
+                                    stats_fn=self._stats_dict, writer=self.host.index_writer)
+        self._beat = asyncio.get_running_loop().create_task(self._heartbeat.run())
         return address
 
     async def _stats_dict(self) -> dict:
         return as_dict(await self.host.stats())
 
-    async def _heartbeat_loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.spec.heartbeat_interval_s)
-            try:
-                await self._registry.aheartbeat(self.info, await self._stats_dict())
-                writer = self.host.index_writer
-                if writer is not None:
-                    await asyncio.to_thread(writer.maintain)
-                if not self._beat_ok:
-                    log.info("%s: heartbeat restored", self.spec.worker_id)
-                self._beat_ok = True
-            except asyncio.CancelledError:
-                raise
-            except Exception as e:  # store down: keep serving, keep trying
-                if self._beat_ok:
-                    log.warning("%s: heartbeat failed: %s", self.spec.worker_id, e)
-                self._beat_ok = False
-
     async def stats(self) -> dict:
         out = await self._stats_dict()
-        out["heartbeat_ok"] = self._beat_ok
+        out["heartbeat_ok"] = self._heartbeat.ok if self._heartbeat is not None else True
         writer = self.host.index_writer if self.host is not None else None
         if writer is not None:
             out["index_blocks"] = writer.num_blocks

@@ -113,6 +113,41 @@ def test_heartbeat_thread_keeps_worker_alive_and_survives_outage(redis_server):
         hb.stop()
 
 
+def test_heartbeat_task_is_the_same_beat_on_an_asyncio_client(redis_server):
+    import asyncio
+
+    from cluster.store import connect
+
+    async def stats():
+        return {"num_running": 2}
+
+    async def go():
+        reg = Registry(connect(redis_server.url, asyncio=True), ttl_s=0.5)
+        info = _info("decode-a")
+        await reg.aregister(info)
+        hb = Heartbeat(reg, info, interval_s=0.1, stats_fn=stats)
+        task = asyncio.get_running_loop().create_task(hb.run())
+        try:
+            await asyncio.sleep(0.8)
+            (rec,) = await reg.asnapshot()
+            assert rec.alive and rec.stats == {"num_running": 2}
+            redis_server.stop()
+            await asyncio.sleep(0.3)
+            assert hb.ok is False
+            redis_server.start()          # same port, empty: the next beats refill it
+            deadline = time.monotonic() + 3
+            while time.monotonic() < deadline and not hb.ok:
+                await asyncio.sleep(0.05)
+            assert hb.ok is True
+            assert [r.info.worker_id for r in await reg.asnapshot() if r.alive] == ["decode-a"]
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            await reg.client.aclose()
+
+    asyncio.run(go())
+
+
 def reg_live(client):
     try:
         return Registry(client).list_live()
