@@ -16,7 +16,10 @@ Timed per request (median over ``--iters`` fresh random prompts after warm-ups):
 - ``prefill``: the same on the prefill-mode engine (the first token is sampled
   there too, then the blocks are held);
 - ``transfer``: the pull (receiver start → DONE) and ``import``: import_kv +
-  finish_kv on the decode engine;
+  finish_kv on the decode engine; requests alternate between a staged export
+  (made right after the prefill, as a GPU prefill worker does:
+  kvtransfer/staging.py) — the summary — and an export on demand at pull time
+  (``summary.on_demand``);
 - ``disagg_ttft`` = prefill + transfer + import: when the decode worker holds
   the request, ready to decode (the router streams the first token already at
   ``prefill``). The goal is transfer <= 5% of prefill.
@@ -64,13 +67,19 @@ def prefill_main(cfg: dict, commands, replies) -> None:
     from engine import LLMEngine
     from kvtransfer.layout import KVLayout
     from kvtransfer.nccl_pairs import PairHost
+    from kvtransfer.staging import StagedExports
 
     dev = cfg["prefill_device"]
     if dev.startswith("cuda"):
         torch.cuda.set_device(dev)
     prefill = LLMEngine(engine_config(cfg, dev, "prefill"))
     colocated = LLMEngine(engine_config(cfg, dev, "both"))
-    host = PairHost(lambda h, start: prefill.export_kv(h.request_id, start), torch.device(dev))
+    staged = StagedExports(8 << 30)
+
+    def export(handle, start):         # as a GPU prefill worker does (workers/kv_source.py)
+        data = staged.take(handle, start)
+        return prefill.export_kv(handle.request_id, start) if data is None else data
+    host = PairHost(export, torch.device(dev))
     replies.put((host.store_address, KVLayout.from_spec(prefill.kv_spec)))
     while True:
         cmd = commands.get()
@@ -84,9 +93,11 @@ def prefill_main(cfg: dict, commands, replies) -> None:
                 colocated.step()
             replies.put(s)
         elif cmd[0] == "prefill":
-            _, rid, prompt = cmd
+            _, rid, prompt, stage = cmd
             s = first_token_time(prefill, rid, prompt, 8)
             held = prefill.get_held(rid)
+            if stage:                  # exported right behind the prefill, before the handle leaves
+                staged.put(rid, held.block_ids, prefill.export_kv(rid))
             replies.put((s, list(held.block_ids), held.first_token))
         elif cmd[0] == "release":
             replies.put(prefill.release(cmd[1]))
@@ -106,11 +117,12 @@ async def run(cfg, commands, replies, store_address, layout) -> list[dict]:
     vocab = decode.model_config.vocab_size
     rows = []
     try:
-        for i in range(cfg["warmup"] + cfg["iters"]):
+        for i in range(cfg["warmup"] + 2 * cfg["iters"]):
+            stage = i % 2 == 0             # staged and on-demand exports alternate
             prompt = torch.randint(3, vocab, (cfg["prompt_len"],), generator=gen).tolist()
             commands.put(("colocated", f"c{i}", prompt))
             colocated_s = replies.get(timeout=300)
-            commands.put(("prefill", f"p{i}", prompt))
+            commands.put(("prefill", f"p{i}", prompt, stage))
             prefill_s, block_ids, first = replies.get(timeout=300)
             handle = KVHandle(f"p{i}", "prefill", "", block_ids, len(prompt), first, layout,
                               transport="nccl", transport_address=store_address, prompt_token_ids=prompt)
@@ -132,11 +144,12 @@ async def run(cfg, commands, replies, store_address, layout) -> list[dict]:
             commands.put(("release", f"p{i}"))
             assert replies.get(timeout=60)
             if i >= cfg["warmup"]:
-                rows.append({"colocated_ttft_s": colocated_s, "prefill_s": prefill_s,
+                rows.append({"staged": stage, "colocated_ttft_s": colocated_s, "prefill_s": prefill_s,
                              "transfer_s": rx.stats.seconds, "transfer_wire_s": rx.wire_seconds,
                              "import_s": import_s, "bytes": rx.stats.num_bytes, "wire_phases_ms": rx.wire_phases,
                              "transport": rx.stats.transport})
-                print(f"colocated {colocated_s * 1e3:7.2f} ms  prefill {prefill_s * 1e3:7.2f} ms  transfer "
+                print(f"{'staged   ' if stage else 'on demand'}  colocated {colocated_s * 1e3:7.2f} ms  "
+                      f"prefill {prefill_s * 1e3:7.2f} ms  transfer "
                       f"{rx.stats.seconds * 1e3:6.3f} ms ({rx.stats.num_bytes / 2**20:.0f} MiB)  import "
                       f"{import_s * 1e3:6.3f} ms", flush=True)
     finally:
@@ -173,14 +186,18 @@ def main() -> None:
         if proc.is_alive():
             proc.terminate()
 
-    def med(key):
-        return statistics.median(r[key] for r in rows)
-    summary = {k.replace("_s", "_ms"): med(k) * 1e3 for k in
+    def summarize(subset):
+        def med(key):
+            return statistics.median(r[key] for r in subset)
+        out = {k.replace("_s", "_ms"): med(k) * 1e3 for k in
                ("colocated_ttft_s", "prefill_s", "transfer_s", "transfer_wire_s", "import_s")}
-    summary["disagg_ttft_ms"] = summary["prefill_ms"] + summary["transfer_ms"] + summary["import_ms"]
-    summary["transfer_pct_of_prefill"] = 100 * summary["transfer_ms"] / summary["prefill_ms"]
-    summary["kv_mbytes"] = rows[0]["bytes"] / 2**20
-    summary["transfer_gbps"] = rows[0]["bytes"] / (summary["transfer_ms"] / 1e3) / 1e9
+        out["disagg_ttft_ms"] = out["prefill_ms"] + out["transfer_ms"] + out["import_ms"]
+        out["transfer_pct_of_prefill"] = 100 * out["transfer_ms"] / out["prefill_ms"]
+        out["kv_mbytes"] = subset[0]["bytes"] / 2**20
+        out["transfer_gbps"] = subset[0]["bytes"] / (out["transfer_ms"] / 1e3) / 1e9
+        return out
+    summary = summarize([r for r in rows if r["staged"]])
+    summary["on_demand"] = summarize([r for r in rows if not r["staged"]])
     print(json.dumps(summary, indent=2))
     env = environment(cfg["decode_device"])
     env["commit"] = os.environ.get("BATON_COMMIT") or env.get("commit") or "unknown"

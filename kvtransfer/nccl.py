@@ -118,8 +118,21 @@ class NcclKVReceiver(KVReceiver):
 
 
 def _export_fn(source: KVSource):
-    """A thread-callable export: ``export_sync`` when the source has one, else its
-    coroutine run on the loop that was running at serve time."""
+    """A thread-callable export: the source's staged export when it has one for the
+    handle (``take_staged``, kvtransfer/staging.py), else ``export_sync`` when the
+    source has one, else its coroutine run on the loop that was running at serve time."""
+    export = _direct_export_fn(source)
+    take = getattr(source, "take_staged", None)
+    if take is None:
+        return export
+
+    def staged_or_export(handle, start_block):
+        data = take(handle, start_block)
+        return export(handle, start_block) if data is None else data
+    return staged_or_export
+
+
+def _direct_export_fn(source: KVSource):
     if hasattr(source, "export_sync"):
         return source.export_sync
     import asyncio

@@ -7,7 +7,8 @@ Lifecycle:
   the engine) → if requests are schedulable: ``engine.step()`` → outputs are
   routed to the asyncio queue of their request (``subscribe``) → block events
   go to the forwarder thread (``on_block_events`` hooks, so a slow Redis never
-  stalls a step) → every ``expire_interval_s``: ``expire_held()`` → idle: block
+  stalls a step) → ``after_step`` hooks run with the step's outputs (e.g. the
+  prefill worker staging the KV of newly held requests) → every ``expire_interval_s``: ``expire_held()`` → idle: block
   on the command queue →
   ``stop()`` — the thread exits after the current iteration.
 
@@ -93,6 +94,7 @@ class EngineLoop:
                  on_expired: Callable[[list[str]], Any] | None = None,
                  expire_interval_s: float = 1.0):
         self._make_engine = make_engine
+        self.after_step: list[Callable[[Any, list], None]] = []   # (engine, outputs) on the engine thread
         self.engine: Any = None        # touch only from the engine thread (via call)
         self._hooks = list(on_block_events or [])
         self._on_expired = on_expired
@@ -104,6 +106,7 @@ class EngineLoop:
         self._forwarder: EventForwarder | None = None
         self._stopping = False
         self.last_stats: Any = None    # engine.stats() after the latest iteration (read-only snapshot)
+        self._outputs: list = []       # the latest step's outputs, for the after-step hooks
         self.num_steps = 0
 
     # ---- asyncio side -------------------------------------------------------
@@ -181,6 +184,7 @@ class EngineLoop:
             if not self._run_commands(wait_s):
                 return
             progressed = self._step() if self._schedulable() else False
+            self._after_step()
             self._forward_events()
             if time.monotonic() >= next_expiry:
                 self._expire()
@@ -226,10 +230,20 @@ class EngineLoop:
             log.exception("engine step failed; failing every live request")
             self._to_loop(self._fail_all, e)
             return False
+        self._outputs = outputs
         if outputs:
             self._to_loop(self._dispatch, outputs)
         # running requests always advance; waiting-only means none could be admitted
         return bool(outputs or self.engine.scheduler.running)
+
+    def _after_step(self) -> None:
+        """Every iteration (outputs empty when no step ran): the after-step hooks."""
+        outputs, self._outputs = self._outputs, []
+        for hook in self.after_step:
+            try:
+                hook(self.engine, outputs)
+            except Exception:
+                log.exception("after-step hook %r failed", hook)
 
     def _forward_events(self) -> None:
         if self._hooks:

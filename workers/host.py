@@ -67,9 +67,12 @@ class WorkerHost:
                  expire_interval_s: float = 1.0, redis_url: str | None = None, epoch: str | None = None,
                  index_model: str | None = None, index_namespace: str | None = None,
                  on_block_events: Callable[[list], Any] | list | None = None,
-                 kv_transfer_options: dict | None = None, tp_launcher=None):
+                 kv_transfer_options: dict | None = None, tp_launcher=None, kv_stage_bytes: int | None = None):
         """``tp_launcher``: how the engine starts its other tensor-parallel ranks
-        (engine/tp_executor.py; in Ray: cluster.tp_launcher.RayTPLauncher)."""
+        (engine/tp_executor.py; in Ray: cluster.tp_launcher.RayTPLauncher).
+        ``kv_stage_bytes``: a prefill worker exports held requests' KV for NCCL
+        pulls ahead of time within this budget (kvtransfer/staging.py); default
+        1 GiB on a GPU, 0 (off) on CPU."""
         if role not in ROLES:
             raise ValueError(f"role must be one of {sorted(ROLES)}, got {role!r}")
         if engine_config.mode != ROLES[role]:
@@ -87,6 +90,7 @@ class WorkerHost:
         self.redis_url, self.index_model, self.index_namespace = redis_url, index_model, index_namespace
         hooks = on_block_events if isinstance(on_block_events, list) else [on_block_events] if on_block_events else []
         self.kv_transfer_options = kv_transfer_options or {}
+        self.kv_stage_bytes = kv_stage_bytes
         self.kv_transport_address = ""   # what kv_transport advertised (nccl: the rendezvous store), for handles
         self.nccl_endpoint = None        # decode side on a GPU: this worker's nccl pairs (kvtransfer.nccl_pairs)
         self.address: str | None = None
@@ -121,7 +125,12 @@ class WorkerHost:
         self.port = bound
         self.address = f"{self.advertise_host}:{bound}"
         source = EngineKVSource(self.loop, self.layout)
-        gpu_source = EngineKVSource(self.loop, self.layout, host_copy=False)    # nccl sends from the GPU
+        stage = self.kv_stage_bytes if self.kv_stage_bytes is not None else (1 << 30 if device.type == "cuda" else 0)
+        gpu_source = EngineKVSource(self.loop, self.layout, host_copy=False,    # nccl sends from the GPU
+                                    stage_bytes=stage if self.role == "prefill" else 0)
+        if gpu_source.staged.budget_bytes:
+            self.loop.after_step.append(gpu_source.stage)
+        self.kv_sources = {"bytes": source, "device": gpu_source}
         ctx = ServeContext(self.address, self._server, {"grpc": {"on_transfer": self._on_sent,
                                                                  **self.kv_transfer_options},
                                                         "nccl": {"device": device, "host": self.advertise_host}})

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from kvtransfer.base import KVNotFound, KVStaleHandle
 from kvtransfer.handle import KVHandle
 from kvtransfer.layout import KVLayout
+from kvtransfer.staging import StagedExports
 from workers.engine_loop import EngineLoop
+
+log = logging.getLogger(__name__)
 
 
 def _export(engine, handle: KVHandle, start_block: int, host_copy: bool) -> torch.Tensor:
@@ -27,12 +32,39 @@ def _export(engine, handle: KVHandle, start_block: int, host_copy: bool) -> torc
 
 class EngineKVSource:
     """``host_copy``: exports land in CPU memory (grpc, local); a device transport
-    (nccl) would use a source with ``host_copy=False``."""
+    (nccl) uses a source with ``host_copy=False``, which may also stage: export
+    every newly held request right after its step (``stage``, an engine-loop
+    after-step hook), so its pull finds the tensor ready (``take_staged``;
+    kvtransfer/staging.py)."""
 
-    def __init__(self, loop: EngineLoop, layout: KVLayout, host_copy: bool = True):
+    def __init__(self, loop: EngineLoop, layout: KVLayout, host_copy: bool = True, stage_bytes: int = 0):
         self.loop = loop
         self.layout = layout
         self.host_copy = host_copy
+        self.staged = StagedExports(stage_bytes)
+        self._stage_failed = False
+
+    def take_staged(self, handle: KVHandle, start_block: int) -> torch.Tensor | None:
+        return self.staged.take(handle, start_block)
+
+    def stage(self, engine, outputs) -> None:
+        """Engine thread, after every loop iteration: forget what is no longer held,
+        export what just became held (while the budget lasts)."""
+        held = engine.scheduler.held
+        if len(self.staged):
+            self.staged.retain(held)
+        for out in outputs:
+            rid = out.request_id
+            if not out.metrics.get("held") or rid not in held or rid in self.staged or self._stage_failed:
+                continue
+            h = held[rid]
+            if not self.staged.fits(self.layout.tp_size * self.layout.bytes_per_block * len(h.block_ids)):
+                continue
+            try:
+                self.staged.put(rid, h.block_ids, engine.export_kv(rid))
+            except torch.cuda.OutOfMemoryError:
+                self._stage_failed = True      # no headroom: pulls export on demand from now on
+                log.warning("staging KV exports ran out of GPU memory; exporting on demand instead")
 
     async def export(self, handle: KVHandle, start_block: int) -> torch.Tensor:
         # export_kv copies (index_select) on the engine thread, so the blocks may be
