@@ -10,6 +10,7 @@ Module map (each has one job):
   registry.py       WorkerInfo, Registry (register / heartbeat / drain flag / deregister / list_live)
   prefix_index.py   PrefixIndexWriter: block events → the index, one pipeline per step, self-healing
   types.py          WorkerSpec, WorkerState (plain data between controller, workers and CLI)
+  ray_errors.py     remote_cause / reason: the error another actor raised, without Ray's wrapping
   worker_actor.py   ManagedWorker: workers.WorkerHost + registration and heartbeats, as a Ray actor
   controller.py     the `baton-controller` actor: pools, restarts, scale, drain, state
   router_actor.py   the router (router.server.build_router) inside a Ray actor
@@ -19,6 +20,6 @@ Module map (each has one job):
   status_view.py    `baton status` output: worker table, router health, registry fallback
   generate.py       `baton generate`: one in-process engine, streamed to stdout
 
-Leaf modules (config, keys, store, memory_store, registry, prefix_index, types)
+Leaf modules (config, keys, store, memory_store, registry, prefix_index, types, ray_errors)
 import neither Ray nor the workers, so the router and workers may use them.
 """

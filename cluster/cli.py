@@ -27,6 +27,7 @@ import sys
 import time
 
 from cluster.config import ROLES
+from cluster.ray_errors import remote_cause
 from cluster.state_file import drop_state, pid_alive, read_state, state_path, write_json_atomic, write_state
 from cluster.status_view import console as _console, render_status, router_health, state_from_registry
 from cluster.store import is_memory_url
@@ -340,9 +341,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.fn(args)
     except (ValueError, NoCluster, TimeoutError, RuntimeError) as e:
-        cause = getattr(e, "cause", None)     # a RayTaskError: report its cause only
-        if isinstance(cause, BaseException):
-            e = cause
+        e = remote_cause(e)                   # a RayTaskError: report its cause only
         print(f"baton {args.command}: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -47,6 +47,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from cluster.config import ROLES, ClusterConfig, check_role
+from cluster.ray_errors import reason
 from cluster.tp_launcher import create_placement_group, in_bundle, placement_error, remove_placement_group, worker_tp
 from cluster.types import WorkerSpec, WorkerState, as_dict
 
@@ -77,14 +78,6 @@ def default_worker_factory(role: str):
     from cluster.worker_actor import worker_factory
 
     return worker_factory(role)
-
-
-def _reason(e: BaseException) -> str:
-    """A short message for an error raised inside another actor (not Ray's whole traceback)."""
-    cause = getattr(e, "cause", None)
-    if isinstance(cause, BaseException):
-        e = cause
-    return f"{type(e).__name__}: {e}".strip()[:300]
 
 
 def _check_targets(targets: dict[str, int]) -> None:
@@ -277,7 +270,7 @@ class Controller:
                 slot.state.status = "dead"
                 slot.state.error = (placement_error(pg, slot.state.worker_id, pools.placement_timeout_s,
                                                     pools.placement_strategy)
-                                    if isinstance(e, asyncio.TimeoutError) else _reason(e))
+                                    if isinstance(e, asyncio.TimeoutError) else reason(e))
                 self._event(f"{slot.state.worker_id} failed to start: {slot.state.error}")
                 self._release(slot)
             return
@@ -289,7 +282,7 @@ class Controller:
         except Exception as e:
             if slot.actor is actor and slot.state.status == "starting":
                 slot.state.status = "dead"
-                slot.state.error = _reason(e)
+                slot.state.error = reason(e)
                 self._event(f"{slot.state.worker_id} failed to start: {slot.state.error}")
             return
         if slot.actor is actor:
@@ -392,10 +385,10 @@ class Controller:
             slot.misses += 1
             return None if slot.misses >= _MAX_MISSES else slot.state.stats
         except ray.exceptions.RayActorError as e:
-            slot.state.error = f"actor died: {_reason(e)}"
+            slot.state.error = f"actor died: {reason(e)}"
             return None
         except Exception as e:  # stats raised inside a live worker: keep it, note the error
-            slot.state.error = f"stats: {_reason(e)}"
+            slot.state.error = f"stats: {reason(e)}"
             return slot.state.stats
         slot.misses = 0
         slot.state.stats = stats

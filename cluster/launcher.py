@@ -31,6 +31,7 @@ from typing import Any
 
 from cluster.config import ClusterConfig
 from cluster.controller import CONTROLLER_NAME, controller_actor
+from cluster.ray_errors import remote_cause
 from cluster.redis_server import RedisServer, available as redis_available
 from cluster.tp_launcher import check_prefill_tp
 
@@ -178,8 +179,7 @@ def launch(config: ClusterConfig | None = None, *, start_router: bool = True, wo
         try:
             ray.get(handle.controller.start.remote(True, ready_timeout_s))
         except ray.exceptions.RayTaskError as e:   # show the cause, not Ray's remote traceback
-            cause = getattr(e, "cause", None)
-            raise (cause if isinstance(cause, Exception) else e) from None
+            raise remote_cause(e) from None
         if start_router:
             from cluster.router_actor import start_router_actor
 

@@ -205,8 +205,9 @@ def test_launch_failure_cleans_up(tmp_path):
 
     cfg = load_config(overrides={"engine.model": str(tmp_path / "no-such-model"), "router.port": 0,
                                  "router.grpc_port": 0, "pools.num_cpus": 0.1})
-    with pytest.raises(RuntimeError, match="decode-0|prefill-0"):
+    with pytest.raises(RuntimeError, match="decode-0|prefill-0") as err:
         launch(cfg, ready_timeout_s=60)
+    assert not isinstance(err.value, ray.exceptions.RayError)      # the controller's error, unwrapped
     assert _wait(lambda: not _actor_exists("baton-controller"))
 
 
