@@ -14,6 +14,7 @@ import pytest
 
 from cluster.config import load_config
 from cluster.launcher import launch
+from tests.cluster.helpers import wait_until
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 
@@ -48,15 +49,6 @@ def _metric(cluster, name: str) -> float:
 
 def _health(cluster) -> dict:
     return httpx.get(cluster.http_url + "/health", timeout=10).json()
-
-
-def _wait(pred, timeout=20.0, every=0.1):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        time.sleep(every)
-    return False
 
 
 LONG = ("The quick brown fox jumps over the lazy dog while the cat sleeps on the warm mat near the door "
@@ -100,7 +92,7 @@ def test_scaling_decode_under_load_loses_no_request(cluster, client):
         state = cluster.scale("decode", 2)
         assert sorted(w["worker_id"] for w in state["workers"] if w["role"] == "decode") == ["decode-0", "decode-1"]
         # the new worker joins routing
-        assert _wait(lambda: _routed(cluster, "decode-1") > 0, timeout=20)
+        assert wait_until(lambda: _routed(cluster, "decode-1") > 0, timeout=20)
         state = cluster.scale("decode", 1)
         assert len([w for w in state["workers"] if w["role"] == "decode"]) == 1
         time.sleep(1.0)
@@ -142,7 +134,7 @@ def test_redis_outage_keeps_serving_and_prefix_routing_resumes(cluster, client, 
 
     module_redis.stop()
     try:
-        assert _wait(degraded, timeout=15)
+        assert wait_until(degraded, timeout=15)
         for i in range(4):                   # load-only routing: still served
             r = ask(f"during the outage {i}")
             assert r.usage.completion_tokens == 4
@@ -152,7 +144,7 @@ def test_redis_outage_keeps_serving_and_prefix_routing_resumes(cluster, client, 
         module_redis.start()                 # same port, empty
 
     # workers re-register and resync their index entries; the router recovers
-    assert _wait(lambda: _health(cluster)["status"] == "ok" and ask("after") is not None, timeout=30, every=0.5)
-    assert _wait(lambda: (h := _hits(cluster), ask(before_prompt), _hits(cluster) > h)[-1], timeout=20, every=0.5)
-    assert _wait(lambda: all(w["stats"].get("heartbeat_ok") and w["stats"].get("index_healthy", True)
-                             for w in cluster.state()["workers"]), timeout=10), cluster.state()
+    assert wait_until(lambda: _health(cluster)["status"] == "ok" and ask("after") is not None, timeout=30, every=0.5)
+    assert wait_until(lambda: (h := _hits(cluster), ask(before_prompt), _hits(cluster) > h)[-1], timeout=20, every=0.5)
+    assert wait_until(lambda: all(w["stats"].get("heartbeat_ok") and w["stats"].get("index_healthy", True)
+                                  for w in cluster.state()["workers"]), timeout=10), cluster.state()

@@ -13,6 +13,7 @@ import ray
 from cluster.config import load_config
 from cluster.registry import Registry
 from cluster.store import connect
+from tests.cluster.helpers import controller_workers, wait_until
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 
@@ -31,21 +32,8 @@ def _controller(redis_server, name, model, **overrides):
     return controller_actor().options(name=name).remote(cfg, redis_server.url)     # the real worker factory
 
 
-def _wait(pred, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        time.sleep(0.05)
-    return False
-
-
-def _workers(ctl):
-    return {w["worker_id"]: w for w in ray.get(ctl.state.remote())["workers"]}
-
-
 def _statuses(ctl):
-    return {wid: w["status"] for wid, w in _workers(ctl).items()}
+    return {wid: w["status"] for wid, w in controller_workers(ctl).items()}
 
 
 class _Stream:
@@ -116,7 +104,7 @@ def test_pools_scale_drain_restart(redis_server, tiny_model_dir):
         assert state["targets"] == {"prefill": 1, "decode": 1, "colocated": 0}
         live = {i.worker_id: i for i in reg.list_live()}
         assert set(live) == {"prefill-0", "decode-0"}
-        workers = _workers(ctl)
+        workers = controller_workers(ctl)
         for wid, info in live.items():        # registered with the address the controller reports
             assert info.address == workers[wid]["address"] and info.model == str(tiny_model_dir)
             assert info.max_model_len == _CONTEXT
@@ -126,15 +114,16 @@ def test_pools_scale_drain_restart(redis_server, tiny_model_dir):
         assert {i.worker_id for i in reg.list_live("decode")} == {"decode-0", "decode-1", "decode-2"}
 
         # scale down removes idle workers first; a busy worker is drained, not killed
-        stream = _Stream(_workers(ctl)["decode-0"]["address"], "long-0", max_tokens=_CONTEXT - 16)
+        stream = _Stream(controller_workers(ctl)["decode-0"]["address"], "long-0", max_tokens=_CONTEXT - 16)
         try:
-            assert _wait(lambda: stream.tokens > 0 or stream.error, timeout=20) and stream.error is None
-            assert _wait(lambda: _workers(ctl)["decode-0"]["stats"].get("num_running") == 1)   # a stats poll saw it
+            assert wait_until(lambda: stream.tokens > 0 or stream.error, timeout=20) and stream.error is None
+            # a stats poll saw it
+            assert wait_until(lambda: controller_workers(ctl)["decode-0"]["stats"].get("num_running") == 1)
             ray.get(ctl.scale.remote("decode", 2, False))
             # the newest idle worker goes; the busy one stays
-            assert _wait(lambda: sorted(_statuses(ctl).items()) == [("decode-0", "ready"), ("decode-1", "ready"),
-                                                                    ("prefill-0", "ready")]
-                         and len(reg.list_live("decode")) == 2, timeout=20)
+            assert wait_until(lambda: sorted(_statuses(ctl).items()) == [("decode-0", "ready"), ("decode-1", "ready"),
+                                                                         ("prefill-0", "ready")]
+                              and len(reg.list_live("decode")) == 2, timeout=20)
             assert "decode-0" in _statuses(ctl)
 
             ray.get(ctl.drain.remote("decode-0", False))
@@ -142,12 +131,12 @@ def test_pools_scale_drain_restart(redis_server, tiny_model_dir):
             assert _statuses(ctl)["decode-0"] == "draining"
             assert next(i for i in reg.list_live() if i.worker_id == "decode-0").draining is True
             seen = stream.tokens
-            assert _wait(lambda: stream.tokens > seen)      # still serving its request while draining
+            assert wait_until(lambda: stream.tokens > seen)      # still serving its request while draining
             assert stream.finish_reason is None and stream.error is None
         finally:
             stream.abort()
         assert stream.error is None
-        assert _wait(lambda: "decode-0" not in _statuses(ctl), timeout=20)
+        assert wait_until(lambda: "decode-0" not in _statuses(ctl), timeout=20)
         assert "decode-0" not in {i.worker_id for i in reg.list_live()}
         assert ray.get(ctl.state.remote())["targets"]["decode"] == 1
 
@@ -155,11 +144,11 @@ def test_pools_scale_drain_restart(redis_server, tiny_model_dir):
         victim = [w for w, s in _statuses(ctl).items() if w.startswith("decode")][0]
         old_epoch = next(i.epoch for i in reg.list_live() if i.worker_id == victim)
         ray.kill(ray.get(ctl.worker_actor.remote(victim)), no_restart=True)
-        assert _wait(lambda: any(w["worker_id"] == victim and w["restarts"] == 1 and w["status"] == "ready"
-                                 for w in ray.get(ctl.state.remote())["workers"]), timeout=40)
+        assert wait_until(lambda: any(w["worker_id"] == victim and w["restarts"] == 1 and w["status"] == "ready"
+                                      for w in controller_workers(ctl).values()), timeout=40)
         new = next(i for i in reg.list_live() if i.worker_id == victim)
         assert new.epoch != old_epoch
-        assert new.address == _workers(ctl)[victim]["address"]
+        assert new.address == controller_workers(ctl)[victim]["address"]
         chunks = _generate(new.address, 3)         # and it serves
         assert sum(len(c.token_ids) for c in chunks) == 3
 
@@ -191,9 +180,9 @@ def test_start_failure_is_reported(redis_server, tmp_path):
         assert re.search(r"(prefill-0|decode-0): ValueError: unknown model", str(err.value))
         assert f"unknown model '{missing}'" in str(err.value)
         failed = set()      # each worker fails the same way (restart_dead may respawn one meanwhile)
-        assert _wait(lambda: failed.update(wid for wid, w in _workers(ctl).items() if w["status"] == "dead"
-                                           and f"unknown model '{missing}'" in w["error"])
-                     or failed == {"prefill-0", "decode-0"}, timeout=20)
+        assert wait_until(lambda: failed.update(wid for wid, w in controller_workers(ctl).items()
+                                                if w["status"] == "dead" and f"unknown model '{missing}'" in w["error"])
+                          or failed == {"prefill-0", "decode-0"}, timeout=20)
     finally:
         ray.get(ctl.shutdown.remote())
         ray.kill(ctl)
@@ -208,7 +197,7 @@ def test_launch_failure_cleans_up(tmp_path):
     with pytest.raises(RuntimeError, match="decode-0|prefill-0") as err:
         launch(cfg, ready_timeout_s=60)
     assert not isinstance(err.value, ray.exceptions.RayError)      # the controller's error, unwrapped
-    assert _wait(lambda: not _actor_exists("baton-controller"))
+    assert wait_until(lambda: not _actor_exists("baton-controller"))
 
 
 def _actor_exists(name):

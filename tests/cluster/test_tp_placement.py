@@ -5,7 +5,6 @@ Also: a pool Ray cannot place fails with a clear error, and `--prefill-tp` that 
 is refused before Ray starts."""
 
 import asyncio
-import time
 
 import pytest
 import ray
@@ -13,6 +12,7 @@ import ray
 from cluster import cli
 from cluster.config import load_config
 from engine import EngineConfig, LLMEngine, SamplingParams
+from tests.cluster.helpers import controller_workers, wait_until
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 
@@ -30,19 +30,6 @@ def _controller(redis_server, name, model, **overrides):
     return controller_actor().options(name=name).remote(cfg, redis_server.url)
 
 
-def _wait(pred, timeout):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        time.sleep(0.1)
-    return False
-
-
-def _workers(ctl):
-    return {w["worker_id"]: w for w in ray.get(ctl.state.remote())["workers"]}
-
-
 async def _disaggregated(prefill_address, decode_address):
     from workers.client import WorkerClient
 
@@ -58,7 +45,7 @@ def test_tp2_prefill_worker_in_a_placement_group_matches_tp1(redis_server, tiny_
     ctl = _controller(redis_server, "ctl-tp", tiny_model_dir, **{"pools.prefill_tp": 2})
     try:
         ray.get(ctl.start.remote(True, 90))
-        workers = _workers(ctl)
+        workers = controller_workers(ctl)
         prefill, decode = workers["prefill-0"], workers["decode-0"]
         assert (prefill["tp"], decode["tp"]) == (2, 1)
         pg_id = prefill["placement_group"]
@@ -76,9 +63,9 @@ def test_tp2_prefill_worker_in_a_placement_group_matches_tp1(redis_server, tiny_
 
         # a dead TP worker is replaced in a new group; its old group (and rank 1 with it) is removed
         ray.kill(ray.get(ctl.worker_actor.remote("prefill-0")), no_restart=True)
-        assert _wait(lambda: _workers(ctl)["prefill-0"]["restarts"] == 1
-                     and _workers(ctl)["prefill-0"]["status"] == "ready", timeout=60)
-        restarted = _workers(ctl)["prefill-0"]
+        assert wait_until(lambda: controller_workers(ctl)["prefill-0"]["restarts"] == 1
+                          and controller_workers(ctl)["prefill-0"]["status"] == "ready", timeout=60)
+        restarted = controller_workers(ctl)["prefill-0"]
         assert restarted["placement_group"] not in ("", pg_id)
         assert ray.util.placement_group_table()[pg_id]["state"] == "REMOVED"
         assert asyncio.run(_disaggregated(restarted["address"], decode["address"])) == expected
@@ -146,8 +133,8 @@ def test_scaling_down_a_worker_still_waiting_for_resources_removes_it_at_once(re
         pending = {w["worker_id"]: w["placement_group"] for w in ray.get(ctl.state.remote())["workers"]}
         assert len(pending) == 2 and all(pending.values())
         ray.get(ctl.scale.remote("colocated", 1, False))
-        assert _wait(lambda: len(_workers(ctl)) == 1, timeout=5)       # not after placement_timeout_s
-        (gone,) = set(pending) - set(_workers(ctl))
+        assert wait_until(lambda: len(controller_workers(ctl)) == 1, timeout=5)       # not after placement_timeout_s
+        (gone,) = set(pending) - set(controller_workers(ctl))
         assert ray.util.placement_group_table()[pending[gone]]["state"] == "REMOVED"
     finally:
         ray.get(ctl.shutdown.remote())
