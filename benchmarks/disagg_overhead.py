@@ -32,7 +32,6 @@ import argparse
 import asyncio
 import json
 import multiprocessing as mp
-import os
 import statistics
 import sys
 import time
@@ -200,7 +199,6 @@ def main() -> None:
     summary["on_demand"] = summarize([r for r in rows if not r["staged"]])
     print(json.dumps(summary, indent=2))
     env = environment(cfg["decode_device"])
-    env["commit"] = os.environ.get("BATON_COMMIT") or env.get("commit") or "unknown"
     payload = {"benchmark": "disagg_overhead", "env": env, "config": cfg, "summary": summary,
                "goal": {"transfer_pct_of_prefill_at_most": 5.0, "met": summary["transfer_pct_of_prefill"] <= 5.0},
                "requests": rows}

@@ -31,7 +31,6 @@ import argparse
 import asyncio
 import datetime
 import multiprocessing as mp
-import os
 import statistics
 import sys
 import time
@@ -251,7 +250,6 @@ def main() -> None:
         if proc.is_alive():
             proc.terminate()
     env = environment(cfg["receiver_device"])
-    env["commit"] = os.environ.get("BATON_COMMIT") or env.get("commit") or "unknown"
     if not smoke:
         env["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
         env["nccl"] = ".".join(map(str, torch.cuda.nccl.version()))

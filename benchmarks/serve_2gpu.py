@@ -303,7 +303,6 @@ def main(argv: list[str] | None = None) -> int:
                                         capture_output=True, text=True, timeout=30).stdout.strip().splitlines()
         except (OSError, subprocess.SubprocessError):
             env["gpu"] = "unknown"
-    env["commit"] = os.environ.get("BATON_COMMIT") or env.get("commit") or "unknown"
     results: list[dict] = []
 
     def save(final: bool = False) -> str:
