@@ -2,25 +2,11 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[2]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from engine.models.layers import RMSNorm, RotaryEmbedding, apply_rotary, silu_and_mul  # noqa: E402
-
-try:
-    import triton  # noqa: F401
-    HAVE_TRITON = True
-except Exception:
-    HAVE_TRITON = False
+from engine.models.layers import RMSNorm, RotaryEmbedding, apply_rotary, silu_and_mul
+from tests.helpers.gpu import needs_cuda_triton, needs_triton, run_under_interpreter
 
 
 def rel(a, b):
@@ -56,20 +42,16 @@ def check_all(device, dtype, tokens=(1, 7, 300), hidden=4096, heads=(32, 8), hea
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not (torch.cuda.is_available() and HAVE_TRITON), reason="needs a CUDA GPU and triton")
+@needs_cuda_triton
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_fused_ops_match_torch_layers(dtype):
     check_all("cuda", dtype, tokens=(1, 7, 300, 2048))
     check_all("cuda", dtype, tokens=(5,), hidden=576, heads=(9, 3), head_dim=64)   # SmolLM2 shapes
 
 
-@pytest.mark.skipif(not HAVE_TRITON, reason="triton not importable")
+@needs_triton
 def test_fused_ops_under_interpreter():
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
-    res = subprocess.run([sys.executable, __file__], env=env, cwd=ROOT, capture_output=True, text=True,
-                         timeout=120)
-    assert res.returncode == 0, res.stdout + res.stderr
-    assert "fused ok" in res.stdout
+    assert "fused ok" in run_under_interpreter(__file__, timeout=120)
 
 
 if __name__ == "__main__":

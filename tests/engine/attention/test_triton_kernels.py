@@ -14,29 +14,15 @@ tokens' K/V are stored by the kernel under test.
 
 from __future__ import annotations
 
-import os
 import random
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[3]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from engine.attention.metadata import AttentionMetadata  # noqa: E402
-from engine.attention.torch_ref import paged_attention_ref, store_kv_ref  # noqa: E402
-
-try:
-    import triton  # noqa: F401
-    HAVE_TRITON = True
-except Exception:
-    HAVE_TRITON = False
-
-gpu = pytest.mark.skipif(not (torch.cuda.is_available() and HAVE_TRITON), reason="needs a CUDA GPU and triton")
+from engine.attention.metadata import AttentionMetadata
+from engine.attention.torch_ref import paged_attention_ref, store_kv_ref
+from tests.helpers.gpu import needs_cuda_triton as gpu
+from tests.helpers.gpu import needs_triton, run_under_interpreter
 
 
 def make_case(spec, num_heads, num_kv_heads, head_dim, block_size, dtype, device, seed=0,
@@ -233,13 +219,9 @@ def _interpreter_main() -> None:
     print("interpreter ok", " ".join(f"{e:.1e}" for e in errs))
 
 
-@pytest.mark.skipif(not HAVE_TRITON, reason="triton not importable")
+@needs_triton
 def test_kernels_under_interpreter():
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
-    res = subprocess.run([sys.executable, __file__], env=env, cwd=ROOT, capture_output=True,
-                         text=True, timeout=240)
-    assert res.returncode == 0, res.stdout + res.stderr
-    assert "interpreter ok" in res.stdout
+    assert "interpreter ok" in run_under_interpreter(__file__, timeout=240)
 
 
 if __name__ == "__main__":
