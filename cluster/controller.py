@@ -48,7 +48,8 @@ from typing import Any, Callable
 
 from cluster.config import ROLES, ClusterConfig, check_role
 from cluster.ray_errors import reason
-from cluster.tp_launcher import create_placement_group, in_bundle, placement_error, remove_placement_group, worker_tp
+from cluster.tp_launcher import (create_placement_group, placement_error, remove_placement_group,
+                                 worker_actor_options, worker_tp)
 from cluster.types import WorkerSpec, WorkerState, as_dict
 
 log = logging.getLogger(__name__)
@@ -246,13 +247,9 @@ class Controller:
         slot.placed = False
         slot.state.tp = worker_tp(pools, role)
         slot.state.placement_group = pg.id.hex()
-        options: dict = {"num_cpus": pools.num_cpus, "max_restarts": 0, **in_bundle(pg, 0)}
-        if pools.num_gpus:
-            options["num_gpus"] = pools.num_gpus
-        if pools.resources.get(role):
-            options["resources"] = dict(pools.resources[role])
         cls = self._factory(role)
-        slot.actor = cls.options(**options).remote(self._spec(slot.state.worker_id, role, pg))
+        slot.actor = cls.options(**worker_actor_options(pools, role, pg)).remote(
+            self._spec(slot.state.worker_id, role, pg))
         slot.ready_task = asyncio.get_running_loop().create_task(self._await_ready(slot))
         restart = f" (restart {slot.state.restarts})" if slot.state.restarts else ""
         self._event(f"start {slot.state.worker_id}{restart}")
@@ -266,12 +263,9 @@ class Controller:
         except asyncio.CancelledError:
             raise
         except Exception as e:          # never placed: say so now, and free what it holds or waits for
-            if slot.actor is actor and slot.state.status == "starting":
-                slot.state.status = "dead"
-                slot.state.error = (placement_error(pg, slot.state.worker_id, pools.placement_timeout_s,
-                                                    pools.placement_strategy)
-                                    if isinstance(e, asyncio.TimeoutError) else reason(e))
-                self._event(f"{slot.state.worker_id} failed to start: {slot.state.error}")
+            if self._fail_start(slot, actor, placement_error(pg, slot.state.worker_id, pools.placement_timeout_s,
+                                                             pools.placement_strategy)
+                                if isinstance(e, asyncio.TimeoutError) else reason(e)):
                 self._release(slot)
             return
         slot.placed = True
@@ -280,10 +274,7 @@ class Controller:
         except asyncio.CancelledError:
             raise
         except Exception as e:
-            if slot.actor is actor and slot.state.status == "starting":
-                slot.state.status = "dead"
-                slot.state.error = reason(e)
-                self._event(f"{slot.state.worker_id} failed to start: {slot.state.error}")
+            self._fail_start(slot, actor, reason(e))
             return
         if slot.actor is actor:
             slot.state.address = str(address)
@@ -291,6 +282,15 @@ class Controller:
             if slot.state.status == "starting":
                 slot.state.status = "ready"
                 self._event(f"{slot.state.worker_id} ready at {address}")
+
+    def _fail_start(self, slot: _Slot, actor, error: str) -> bool:
+        """Mark a slot still starting ``actor`` dead with ``error``; False if it moved on."""
+        if slot.actor is not actor or slot.state.status != "starting":
+            return False
+        slot.state.status = "dead"
+        slot.state.error = error
+        self._event(f"{slot.state.worker_id} failed to start: {error}")
+        return True
 
     def _begin_drain(self, slot: _Slot) -> None:
         status, slot.state.status = slot.state.status, "draining"

@@ -85,6 +85,16 @@ def in_bundle(pg, index: int) -> dict:
     return {"scheduling_strategy": PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=index)}
 
 
+def worker_actor_options(pools, role: str, pg) -> dict:
+    """Ray options of a ``role`` worker's actor (rank 0): bundle 0's resources, in bundle 0."""
+    options: dict = {"num_cpus": pools.num_cpus, "max_restarts": 0, **in_bundle(pg, 0)}
+    if pools.num_gpus:
+        options["num_gpus"] = pools.num_gpus
+    if pools.resources.get(role):
+        options["resources"] = dict(pools.resources[role])
+    return options
+
+
 def remove_placement_group(pg) -> None:
     """Remove ``pg`` (and end every actor still in it); already removed is fine."""
     import ray
