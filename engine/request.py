@@ -114,12 +114,9 @@ class Request:
         # the engine's output processing
         self.num_detokenized = 0            # output tokens fed to the detokenizer
         self.text_cut: int | None = None    # text length when a stop string matched
+        # characters a stream holds back: a stop string could still be starting there
+        self.stop_holdback = max((len(s) for s in params.stop), default=1) - 1
         self.first_token: int | None = None  # decode side: first token sampled by the prefill side
-
-    @property
-    def stop_holdback(self) -> int:
-        """Characters a stream holds back: a stop string could still be starting there."""
-        return max((len(s) for s in self.params.stop), default=1) - 1
 
     @property
     def num_tokens(self) -> int:
