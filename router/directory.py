@@ -19,8 +19,8 @@ swaps in a new snapshot. A member whose stats poll fails is kept but marked
 unhealthy until a later poll succeeds — at once when the poll errs (refused,
 unavailable: the worker is gone), only after ``unhealthy_after`` timeouts in a
 row when it is merely slow (a busy worker answers late; until then it keeps its
-last known load). One slow poll used to take a loaded worker out of routing and
-pile its share onto the others (benchmarks/serve_2gpu.py at 40 req/s). If Redis is unreachable the last
+last known load), so one late answer does not take a loaded worker out of
+routing and pile its share onto the others. If Redis is unreachable the last
 snapshot stays (``degraded`` is set). ``close()`` stops the task.
 """
 
