@@ -40,6 +40,9 @@ from __future__ import annotations
 import gc
 import math
 import time
+from collections.abc import Mapping
+from types import MappingProxyType
+
 import torch
 
 from engine.attention import get_backend
@@ -189,6 +192,11 @@ class LLMEngine:
         """True when ``step()`` has work now (requests whose KV is in flight excluded)."""
         return self._inflight is not None or self.scheduler.has_schedulable()
 
+    @property
+    def num_running(self) -> int:
+        """Requests in the running batch (each advances every step)."""
+        return len(self.scheduler.running)
+
     def generate(self, prompts, params: SamplingParams | list[SamplingParams] | None = None) -> list[RequestOutput]:
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
@@ -302,6 +310,11 @@ class LLMEngine:
         self._sent.pop(rid, None)
 
     # ---- prefill mode ----------------------------------------------------------------
+    @property
+    def held_requests(self) -> Mapping[str, HeldRequest]:
+        """The held requests by id: a read-only live view, not a copy."""
+        return MappingProxyType(self.scheduler.held)
+
     def get_held(self, request_id: str) -> HeldRequest:
         try:
             return self.scheduler.held[request_id]

@@ -234,7 +234,7 @@ class EngineLoop:
         if outputs:
             self._to_loop(self._dispatch, outputs)
         # running requests always advance; waiting-only means none could be admitted
-        return bool(outputs or self.engine.scheduler.running)
+        return bool(outputs or self.engine.num_running)
 
     def _after_step(self) -> None:
         """Every iteration (outputs empty when no step ran): the after-step hooks."""

@@ -50,7 +50,7 @@ class EngineKVSource:
     def stage(self, engine, outputs) -> None:
         """Engine thread, after every loop iteration: forget what is no longer held,
         export what just became held (while the budget lasts)."""
-        held = engine.scheduler.held
+        held = engine.held_requests
         if len(self.staged):
             self.staged.retain(held)
         for out in outputs:

@@ -63,10 +63,12 @@ def test_export_import_across_engines_continues_token_identically(tiny_llama):
     assert outs[-1].finished and outs[-1].metrics["held"]
     held = prefill.get_held("r")
     assert held.first_token == expected[0] and len(held.block_ids) == 5
+    assert list(prefill.held_requests) == ["r"] and prefill.num_running == 0
     plan = decode.add_request_with_kv("r", prompt, held.first_token, params)
     decode.import_kv("r", prefill.export_kv("r", plan.num_cached_blocks))
+    view = prefill.held_requests
     assert prefill.release("r")
-    assert prefill.stats().num_held == 0
+    assert prefill.stats().num_held == 0 and "r" not in view      # a live view, not a copy
     assert prefill.stats().num_free_blocks == 32
     final = decode.finish_kv("r", ok=True)
     while decode.has_unfinished():
