@@ -28,9 +28,9 @@ UNAVAILABLE, anything else → INTERNAL. A request's failure never ends the work
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
-from contextlib import aclosing
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -92,6 +92,32 @@ class _Live:
     receiver: KVReceiver | None = None
     aborted: bool = False
     admitted: bool = False   # set on the engine thread by the admitting command
+
+
+def _streaming_rpc(rpc: str):
+    """Turn an async-generator handler ``(self, request)`` into the server-streaming
+    rpc ``(self, request, context)``: an exception becomes its status code (``_status``),
+    every outcome is counted, and a stream that ends early (client cancel, error)
+    closes the handler at once, so its ``finally`` aborts the request now, not at GC."""
+    def wrap(handler):
+        @functools.wraps(handler)
+        async def method(self: "WorkerServicer", request, context):
+            gen = handler(self, request)
+            try:
+                async for msg in gen:
+                    yield msg
+            except (asyncio.CancelledError, GeneratorExit):
+                self.metrics.request(rpc, "cancelled")
+                raise
+            except Exception as e:
+                code, msg = _status(e)
+                self.metrics.request(rpc, code.name.lower())
+                await context.abort(code, msg)
+            finally:
+                await gen.aclose()
+            self.metrics.request(rpc, "ok")
+        return method
+    return wrap
 
 
 # ---- engine commands (run on the engine thread) ----------------------------------
@@ -200,21 +226,6 @@ class WorkerServicer(pb_grpc.WorkerServicer):
         self.metrics.request(rpc, "ok")
         return result
 
-    async def _stream(self, rpc: str, context, gen):
-        try:
-            async for msg in gen:
-                yield msg
-        except (asyncio.CancelledError, GeneratorExit):
-            self.metrics.request(rpc, "cancelled")
-            raise
-        except Exception as e:
-            code, msg = _status(e)
-            self.metrics.request(rpc, code.name.lower())
-            await context.abort(code, msg)
-        finally:
-            await gen.aclose()    # run the handler's finally (abort) now, not at GC
-        self.metrics.request(rpc, "ok")
-
     # ---- Prefill ----------------------------------------------------------------------
     async def Prefill(self, request: pb.PrefillRequest, context) -> pb.PrefillResponse:
         return await self._unary("prefill", context, self._prefill(request))
@@ -269,12 +280,8 @@ class WorkerServicer(pb_grpc.WorkerServicer):
         return resp
 
     # ---- Decode --------------------------------------------------------------------------
-    async def Decode(self, request: pb.DecodeRequest, context):
-        async with aclosing(self._stream("decode", context, self._decode(request))) as msgs:
-            async for msg in msgs:
-                yield msg
-
-    async def _decode(self, request: pb.DecodeRequest):
+    @_streaming_rpc("decode")
+    async def Decode(self, request: pb.DecodeRequest):
         arrival = time.monotonic()
         self._require("decode", "colocated")
         handle = handle_from_pb(request.handle)
@@ -334,12 +341,8 @@ class WorkerServicer(pb_grpc.WorkerServicer):
             self._close(rid, live, finished)
 
     # ---- Generate --------------------------------------------------------------------------
-    async def Generate(self, request: pb.GenerateRequest, context):
-        async with aclosing(self._stream("generate", context, self._generate(request))) as msgs:
-            async for msg in msgs:
-                yield msg
-
-    async def _generate(self, request: pb.GenerateRequest):
+    @_streaming_rpc("generate")
+    async def Generate(self, request: pb.GenerateRequest):
         arrival = time.monotonic()
         self._require("decode", "colocated")
         params = params_from_pb(request.params)
