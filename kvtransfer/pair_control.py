@@ -1,6 +1,7 @@
 """The control side of a KV pair (kvtransfer/nccl_pairs.py): who a holder is
 (host id, backend) and the length-prefixed pickle messages on the control socket
-(``hello``/``pair``, ``pull``/``ok``/``err``, ``bye``)."""
+(``hello``/``pair``, ``pull``/``done``, ``bye``) and where a batch's pulls sit
+in its one buffer."""
 
 from __future__ import annotations
 
@@ -26,7 +27,6 @@ def host_id() -> str:
 
 def backend_name(device: torch.device) -> str:
     return "nccl" if device.type == "cuda" else "gloo"
-
 
 
 def send_msg(sock: socket.socket, obj) -> None:
@@ -65,3 +65,16 @@ def connect(host: str, port: int, timeout: float) -> socket.socket:
     sock.settimeout(None)
     return sock
 
+
+
+_SLOT_ALIGN = 256      # each pull's bytes start on this boundary in a batch buffer (any dtype views)
+
+
+def batch_layout(sizes: list[int]) -> tuple[list[int], int]:
+    """Where each pull's bytes sit in one batch's buffer (both ends compute the
+    same): ``(offsets, total)``."""
+    offsets, end = [], 0
+    for n in sizes:
+        offsets.append(end)
+        end += -(-n // _SLOT_ALIGN) * _SLOT_ALIGN
+    return offsets, (offsets[-1] + sizes[-1]) if sizes else 0

@@ -7,6 +7,7 @@ import datetime
 import itertools
 import logging
 import pickle
+import select
 import socket
 import threading
 import time
@@ -18,9 +19,11 @@ import torch
 from kvtransfer.base import KVNotFound, KVStaleHandle, KVTransferError
 from kvtransfer.handle import KVHandle
 from kvtransfer.pair_channel import Channel
-from kvtransfer.pair_control import backend_name, host_id, recv_msg, send_msg
+from kvtransfer.pair_control import backend_name, batch_layout, host_id, recv_msg, send_msg
 
 log = logging.getLogger(__name__)
+
+_RETIRE_POLL_S = 0.0005    # while sends are in flight, how often the pair thread checks on them
 
 
 class PairHost:
@@ -40,9 +43,10 @@ class PairHost:
         self.store.set("info", pickle.dumps({"host_id": host_id(), "backend": backend_name(self.device),
                                              "control_port": self._listener.getsockname()[1]}))
         self.pairs: dict[int, "_HostPair"] = {}
-        # the last pulls' phases in ms (benchmarks/kv_transfer.py reports them): ``wake`` PULL
+        # the last batches' phases in ms (benchmarks/kv_transfer.py reports them): ``wake`` PULL
         # sent by the receiver → read here (one monotonic clock per host), ``export`` the
-        # export's host time, ``posted`` PULL read → send posted, ``sent`` → send completed
+        # exports' host time, ``posted`` PULL read → send posted, ``sent`` → send seen
+        # completed (on CUDA within ``_RETIRE_POLL_S``); ``batch`` pulls in it
         self.timings: deque[dict] = deque(maxlen=256)
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
@@ -78,6 +82,7 @@ class _HostPair:
         self.host, self.sock, self.pair_id = host, sock, pair_id
         self.channel: Channel | None = None
         self.peer = "?"
+        self.inflight: deque = deque()        # (done?, tensors, timing) per send not yet completed
 
     def run(self) -> None:
         try:
@@ -90,11 +95,11 @@ class _HostPair:
                 self.host.pairs[self.pair_id] = self
             log.info("kv pair %d with %s up (%s)", self.pair_id, self.peer, backend_name(self.host.device))
             while True:
-                msg = recv_msg(self.sock)
+                msg = self._next_message()
                 if msg[0] == "bye":
                     break
-                _, handle, start_block, nbytes, sent_at = msg
-                self._serve(handle, start_block, nbytes, sent_at)
+                _, items, sent_at = msg
+                self._serve(items, sent_at)
         except (ConnectionError, OSError, EOFError):
             pass                                                    # the receiver left
         except Exception:
@@ -102,29 +107,63 @@ class _HostPair:
         finally:
             self.shutdown()
 
-    def _serve(self, handle: KVHandle, start_block: int, nbytes: int, sent_at: float) -> None:
+    def _next_message(self):
+        """The next control message; while sends are in flight, poll for it and
+        retire the sends that completed (their buffers live until then)."""
+        while self.inflight:
+            self._retire()
+            if self.inflight and select.select([self.sock], [], [], _RETIRE_POLL_S)[0]:
+                break
+        return recv_msg(self.sock)
+
+    def _retire(self) -> None:
+        while self.inflight and self.inflight[0][0]():
+            done, _, timing = self.inflight.popleft()
+            timing["sent"] = 1e3 * time.perf_counter() - timing.pop("_posted_at")
+            self.host.timings.append(timing)
+
+    def _serve(self, items: list, sent_at: float) -> None:
+        """One batch: export each pull into its slot, reply, post one send."""
         t_in = time.perf_counter()
         ch = self.channel
-        reply = ("ok",)
-        try:
-            with ch.after_engine():    # export on the pair's stream, after the engine's writes
-                data = self.host.export(handle, start_block)
-            buf = data.to(ch.device).contiguous().view(-1).view(torch.uint8)
-            if buf.numel() != nbytes:
-                raise KVTransferError(f"holder has {buf.numel()} bytes for {handle.request_id!r} "
-                                      f"blocks [{start_block}:], the receiver expects {nbytes}")
-        except Exception as e:
-            kind = "not_found" if isinstance(e, KVNotFound) else "stale" if isinstance(e, KVStaleHandle) else "error"
-            reply = ("err", kind, str(e) or type(e).__name__)
-            buf = torch.empty(nbytes, dtype=torch.uint8, device=ch.device)   # keeps the pair in step
+        offsets, total = batch_layout([nbytes for _, _, nbytes in items])
+        outcomes, parts = [], []
+        with ch.after_engine():    # exports on the pair's stream, after the engine's writes
+            for handle, start_block, nbytes in items:
+                try:
+                    part = self.host.export(handle, start_block).to(ch.device).contiguous().view(-1)
+                    part = part.view(torch.uint8)
+                    if part.numel() != nbytes:
+                        raise KVTransferError(f"holder has {part.numel()} bytes for {handle.request_id!r} "
+                                              f"blocks [{start_block}:], the receiver expects {nbytes}")
+                    outcomes.append(("ok",))
+                    parts.append(part)
+                except Exception as e:
+                    kind = ("not_found" if isinstance(e, KVNotFound) else
+                            "stale" if isinstance(e, KVStaleHandle) else "error")
+                    outcomes.append(("err", kind, str(e) or type(e).__name__))
+                    parts.append(None)
+            if len(parts) == 1 and parts[0] is not None:
+                buf = parts[0]                                     # one pull: its export is the message
+            else:
+                buf = torch.empty(total, dtype=torch.uint8, device=ch.device)
+                for offset, part in zip(offsets, parts):
+                    if part is not None:
+                        buf[offset:offset + part.numel()].copy_(part)
         t_exported = time.perf_counter()
         work = ch.post("send", buf)
         t_posted = time.perf_counter()
-        send_msg(self.sock, reply)            # the receiver reads it once the bytes landed
-        ch.finish(work)
-        self.host.timings.append(dict(
-            wake=1e3 * (t_in - sent_at), export=1e3 * (t_exported - t_in), posted=1e3 * (t_posted - t_in),
-            sent=1e3 * (time.perf_counter() - t_posted), nbytes=nbytes))
+        send_msg(self.sock, ("done", outcomes))   # the receiver reads it once the bytes landed
+        timing = dict(wake=1e3 * (t_in - sent_at), export=1e3 * (t_exported - t_in),
+                      posted=1e3 * (t_posted - t_in), nbytes=total, batch=len(items))
+        done = ch.probe(work)
+        if done is None:                          # gloo: its send completes through wait
+            ch.finish(work)
+            timing["sent"] = 1e3 * (time.perf_counter() - t_posted)
+            self.host.timings.append(timing)
+            return
+        timing["_posted_at"] = 1e3 * t_posted
+        self.inflight.append((done, (buf, parts), timing))   # the tensors stay alive until sent
 
     def shutdown(self) -> None:
         with self.host._lock:

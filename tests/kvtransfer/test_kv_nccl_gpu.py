@@ -14,6 +14,7 @@ from kvtransfer import KVHandle, KVLayout
 from kvtransfer.base import TransferState
 from kvtransfer.nccl import NcclKVReceiver
 from kvtransfer.nccl_pairs import PairClient
+from tests.kvtransfer.concurrent_pulls import check_concurrent_pulls
 from tests.kvtransfer.nccl_holder_proc import HELD_BLOCKS, ShardedSource, make_full_cache, spawned_holder
 
 pytestmark = [pytest.mark.multigpu,
@@ -97,3 +98,12 @@ def test_pair_communicator_is_built_and_torn_down_at_run_time(holder_proc):
         assert holder_proc("num_pairs", "life") == 1
     finally:
         again.close()
+
+
+def test_concurrent_pulls_share_batches_over_nccl(holder_proc):
+    address = holder_proc("start", "batches", torch.bfloat16, 1, "cuda:0")
+    endpoint = PairClient(RX)
+    try:
+        asyncio.run(check_concurrent_pulls(endpoint, address, make_full_cache(torch.bfloat16, RX)))
+    finally:
+        endpoint.close()

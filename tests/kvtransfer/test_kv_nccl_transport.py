@@ -15,6 +15,7 @@ from kvtransfer import KVHandle, KVLayout
 from kvtransfer.base import TransferState
 from kvtransfer.nccl import FALLBACKS, NcclKVReceiver
 from kvtransfer.nccl_pairs import PairClient
+from tests.kvtransfer.concurrent_pulls import check_concurrent_pulls
 from tests.kvtransfer.nccl_holder_proc import HELD_BLOCKS, ShardedSource, make_full_cache, spawned_holder
 
 
@@ -142,3 +143,13 @@ async def test_without_an_nccl_path_the_pull_falls_back_to_grpc():
         assert await rx.wait(timeout=10) is TransferState.DONE, rx.error
         assert rx.stats.fallback_reason == "no_gpu"
     assert torch.equal(rx.result(), src.export_blocks([5, 2, 11]))
+
+
+
+async def test_concurrent_pulls_share_batches_and_each_gets_its_own_blocks(holder_proc):
+    address = await asyncio.to_thread(holder_proc, "start", "batches", torch.bfloat16, 1)
+    endpoint = PairClient("cpu")
+    try:
+        await check_concurrent_pulls(endpoint, address, make_full_cache(torch.bfloat16), allow_gloo=True)
+    finally:
+        endpoint.close()
