@@ -211,15 +211,11 @@ class WorkerHost:
         s = await self.engine_stats()
         kv = self.metrics.kv_total
         return WorkerStats(
-            worker_id=self.worker_id, role=self.role, address=self.address or "", epoch=self.epoch,
-            num_running=s.num_running, num_waiting=s.num_waiting, num_held=s.num_held,
-            num_free_blocks=s.num_free_blocks, num_total_blocks=s.num_total_blocks,
-            kv_cache_usage=s.kv_cache_usage, prefix_cache_queries=s.prefix_cache_queries,
-            prefix_cache_hits=s.prefix_cache_hits, kv_transfers=kv["transfers"], kv_transfer_bytes=kv["bytes"],
+            **dataclasses.asdict(s), worker_id=self.worker_id, role=self.role, address=self.address or "",
+            epoch=self.epoch, kv_transfers=kv["transfers"], kv_transfer_bytes=kv["bytes"],
             kv_transfer_seconds=kv["seconds"], kv_transfer_failures=kv["failures"],
-            num_expired_holds=kv["expired"], num_preemptions=s.num_preemptions,
-            metrics_port=self.metrics_port or 0, layout=self.layout, max_model_len=self.max_model_len,
-            max_waiting=self.max_waiting)
+            num_expired_holds=kv["expired"], metrics_port=self.metrics_port or 0, layout=self.layout,
+            max_model_len=self.max_model_len, max_waiting=self.max_waiting)
 
     async def engine_stats(self):
         """The engine's own EngineStats (exact: taken on the engine thread)."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from engine.outputs import EngineStats
 from kvtransfer.layout import KVLayout
 
 
@@ -34,26 +35,21 @@ class PrefillResult:
     first_logprobs: dict[int, float] | None = None   # params.logprobs set: the first token's top entry
 
 
-@dataclass
-class WorkerStats:
+@dataclass(kw_only=True)
+class WorkerStats(EngineStats):
+    """A worker's snapshot: its engine's stats — inherited, so the load numbers stay
+    top-level fields, as the flat proto message (``wire.py``), the router and the
+    controller's ``as_dict`` read them — plus the worker's identity and KV transfer
+    counters."""
     worker_id: str
     role: str
     address: str
     epoch: str
-    num_running: int = 0
-    num_waiting: int = 0
-    num_held: int = 0
-    num_free_blocks: int = 0
-    num_total_blocks: int = 0
-    kv_cache_usage: float = 0.0
-    prefix_cache_queries: int = 0
-    prefix_cache_hits: int = 0
     kv_transfers: int = 0
     kv_transfer_bytes: int = 0
     kv_transfer_seconds: float = 0.0
     kv_transfer_failures: int = 0
     num_expired_holds: int = 0
-    num_preemptions: int = 0
     metrics_port: int = 0
     layout: KVLayout | None = None
     max_model_len: int = 0
