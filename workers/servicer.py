@@ -110,9 +110,7 @@ def _streaming_rpc(rpc: str):
                 self.metrics.request(rpc, "cancelled")
                 raise
             except Exception as e:
-                code, msg = _status(e)
-                self.metrics.request(rpc, code.name.lower())
-                await context.abort(code, msg)
+                await self._fail(rpc, context, e)
             finally:
                 await gen.aclose()
             self.metrics.request(rpc, "ok")
@@ -220,11 +218,15 @@ class WorkerServicer(pb_grpc.WorkerServicer):
             self.metrics.request(rpc, "cancelled")
             raise
         except Exception as e:
-            code, msg = _status(e)
-            self.metrics.request(rpc, code.name.lower())
-            await context.abort(code, msg)
+            await self._fail(rpc, context, e)
         self.metrics.request(rpc, "ok")
         return result
+
+    async def _fail(self, rpc: str, context, e: Exception):
+        """Count the failure and end the rpc with its status code (raises)."""
+        code, msg = _status(e)
+        self.metrics.request(rpc, code.name.lower())
+        await context.abort(code, msg)
 
     # ---- Prefill ----------------------------------------------------------------------
     async def Prefill(self, request: pb.PrefillRequest, context) -> pb.PrefillResponse:
