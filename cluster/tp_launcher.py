@@ -37,6 +37,11 @@ Decisions:
   so every rank uses ``cuda:0``; ``pools.num_gpus`` must then be a whole number
   (NCCL cannot put two ranks of a group on one GPU). On CPU ranks use gloo.
 - Rank actors are owned by the worker actor: if it dies, Ray ends them with it.
+- Each rank actor answers ``where()`` (``device_report``: pid, node, Ray's GPU ids,
+  ``CUDA_VISIBLE_DEVICES``, the CUDA devices it sees) before it starts ``run``,
+  so ``ManagedWorker.placement()`` can say where every rank ended up while the
+  ranks serve (``run`` never returns before shutdown, and the actor runs one
+  call at a time).
 - ``check_prefill_tp`` reads the model's config (never its weights) and builds
   the sharded model on the ``meta`` device, so the engine's own sharding rules
   (heads, KV heads, MLP width divisible by TP) decide — before Ray starts.
@@ -122,8 +127,31 @@ def placement_error(pg, worker_id: str, timeout_s: float, strategy: str) -> str:
 
 # ---- the Ray launcher of TP ranks (worker actor side) -----------------------------
 
+def device_report() -> dict:
+    """Where this process runs, as it sees it: pid, node IP, the GPU ids Ray gave it,
+    ``CUDA_VISIBLE_DEVICES`` and the CUDA devices torch sees (none on CPU)."""
+    import os
+
+    import ray
+    import torch
+
+    out = {"pid": os.getpid(), "node_ip": ray.util.get_node_ip_address(),
+           "ray_gpu_ids": [str(g) for g in ray.get_gpu_ids()],
+           "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"), "cuda_devices": []}
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            p = torch.cuda.get_device_properties(i)
+            out["cuda_devices"].append({"index": i, "name": p.name, "uuid": str(getattr(p, "uuid", "")),
+                                        "pci_bus_id": getattr(p, "pci_bus_id", None),
+                                        "total_memory_gib": round(p.total_memory / 2**30, 1)})
+    return out
+
+
 class TPRank:
     """One tensor-parallel rank r >= 1 of a worker: a process in bundle r of the worker's group."""
+
+    def where(self, rank: int) -> dict:
+        return {"rank": rank, **device_report()}
 
     def run(self, config, rank: int, address: str, device: str) -> None:
         from engine.tp_executor import run_rank
@@ -141,8 +169,9 @@ def tp_rank_actor():
 class RayRanks:
     """Handle on ranks 1..k-1 running as ``TPRank`` actors (what ``TPExecutor`` joins and terminates)."""
 
-    def __init__(self, actors: list, runs: list):
+    def __init__(self, actors: list, runs: list, reports: list | None = None):
         self.actors, self.runs = actors, runs
+        self.reports = reports or []    # each rank's ``where()``, asked before its ``run``
 
     def join(self, timeout: float) -> None:
         """Wait for the ranks to return (a rank's error is in its own log; the group is closing anyway)."""
@@ -165,6 +194,7 @@ class RayTPLauncher:
 
     def __init__(self, pg):
         self.pg = pg
+        self.ranks: RayRanks | None = None      # the last launch's ranks (ManagedWorker.placement)
 
     @property
     def host(self) -> str:
@@ -181,14 +211,16 @@ class RayTPLauncher:
             raise ValueError(f"TP={config.tensor_parallel_size} needs {max(ranks) + 1} bundles, "
                              f"the placement group has {len(specs)}")
         device = "cuda:0" if torch.device(config.device).type == "cuda" else "cpu"    # a bundle sees one GPU
-        actors, runs = [], []
+        actors, runs, reports = [], [], []
         for r in ranks:
             options = dict(num_cpus=specs[r].get("CPU", 0.0), num_gpus=specs[r].get("GPU", 0.0),
                            **in_bundle(self.pg, r))
             actor = tp_rank_actor().options(**options).remote()
             actors.append(actor)
+            reports.append(actor.where.remote(r))       # runs first: the actor takes one call at a time
             runs.append(actor.run.remote(config, r, address, device))
-        return RayRanks(actors, runs)
+        self.ranks = RayRanks(actors, runs, reports)
+        return self.ranks
 
 
 # ---- validation (before Ray starts) ------------------------------------------------

@@ -19,6 +19,8 @@ of ``spec.placement_group``; its engine is ``LLMEngine(config,
 tp_launcher=RayTPLauncher(pg))``, which starts ranks 1..tp-1 as actors in the
 other bundles (cluster/tp_launcher.py) during ``ready()``. ``shutdown()``
 stops them with the engine; the controller removes the group afterwards.
+``placement()`` says where every rank runs (pid, node, GPU ids, the CUDA
+devices each process sees): this actor's own report and each rank actor's.
 
 Workers heartbeat themselves (not the controller), so serving survives a dead
 controller; a worker that crashes stops heartbeating and is dead to routers
@@ -44,6 +46,7 @@ class ManagedWorker:
         self._registry = None
         self._heartbeat = None                      # cluster.registry.Heartbeat, from ready()
         self._beat: asyncio.Task | None = None      # its asyncio driver
+        self._tp_launcher = None                    # cluster.tp_launcher.RayTPLauncher when tp > 1
 
     def _make_host(self):
         from workers.host import WorkerHost
@@ -57,7 +60,7 @@ class ManagedWorker:
         launcher = None
         if s.engine.tensor_parallel_size > 1:      # the other ranks live in this worker's placement group
             from cluster.tp_launcher import RayTPLauncher
-            launcher = RayTPLauncher(self._placement_group())
+            launcher = self._tp_launcher = RayTPLauncher(self._placement_group())
         host = WorkerHost(s.engine, s.role, worker_id=s.worker_id, host=s.host, advertise_host=advertise,
                           metrics_port=0 if s.metrics else None, redis_url=s.store_url,
                           index_model=s.engine.model, index_namespace=s.namespace, tp_launcher=launcher)
@@ -102,6 +105,17 @@ class ManagedWorker:
             out["index_blocks"] = writer.num_blocks
             out["index_healthy"] = writer.healthy
         return out
+
+    async def placement(self) -> list[dict]:
+        """Where each TP rank of this worker runs, as its process sees it (``tp_launcher.device_report``):
+        rank 0 is this actor; ranks 1.. answer once they have started (after ``ready()``)."""
+        from cluster.tp_launcher import device_report
+
+        ranks = [{"rank": 0, **device_report()}]
+        launched = self._tp_launcher.ranks if self._tp_launcher is not None else None
+        if launched is not None:
+            ranks += list(await asyncio.gather(*launched.reports))
+        return ranks
 
     async def address(self) -> str | None:
         return self.host.address if self.host is not None else None

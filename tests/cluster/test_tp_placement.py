@@ -55,6 +55,12 @@ def test_tp2_prefill_worker_in_a_placement_group_matches_tp1(redis_server, tiny_
         assert table[decode["placement_group"]]["bundles"] == {0: {"CPU": 0.25}}
         free = ray.available_resources()      # both bundles taken: the worker actor (rank 0) and rank 1
         assert free.get(f"CPU_group_0_{pg_id}", 0) == 0 and free.get(f"CPU_group_1_{pg_id}", 0) == 0
+        # each rank's process says where it runs (rank 1 answers while it serves): two processes, one node, no GPU
+        ranks = ray.get(ray.get(ctl.worker_actor.remote("prefill-0")).placement.remote(), timeout=30)
+        assert [r["rank"] for r in ranks] == [0, 1] and len({r["pid"] for r in ranks}) == 2
+        assert {r["node_ip"] for r in ranks} == {ray.util.get_node_ip_address()}
+        assert all(r["ray_gpu_ids"] == [] and r["cuda_devices"] == [] for r in ranks)
+        assert [r["rank"] for r in ray.get(ray.get(ctl.worker_actor.remote("decode-0")).placement.remote())] == [0]
 
         tokens = asyncio.run(_disaggregated(prefill["address"], decode["address"]))
         reference = LLMEngine(EngineConfig(model=str(tiny_model_dir), num_kv_blocks=64, block_size=4))
