@@ -10,11 +10,9 @@ Lifecycle of a worker slot (one per worker the controller manages):
 
 A worker joins routing only when it is READY: the router reads the registry,
 and the worker registers itself once its server is up. Removal never drops a
-request: the controller flags the worker ``draining`` in the registry (routers
-stop sending it new requests within their refresh interval), waits
-``pools.drain_grace_s`` for requests already routed to arrive, then waits until the
-worker's engine is idle (nothing running, waiting or held for a decode worker),
-and only then shuts it down and kills the actor.
+request: DRAINING → STOPPED is ``cluster.drain.Drainer``'s job (flag it
+``draining`` in the registry, wait for requests already routed to land and for
+its engine to go idle, only then shut it down and kill the actor).
 
 The reconcile loop (every ``_TICK_S``) polls each worker's stats (a Ray call
 with a timeout), replaces the dead (``pools.restart_dead``), re-asserts the
@@ -47,6 +45,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from cluster.config import ROLES, ClusterConfig, check_role
+from cluster.drain import Drainer
 from cluster.ray_errors import reason
 from cluster.tp_launcher import (create_placement_group, placement_error, remove_placement_group,
                                  worker_actor_options, worker_tp)
@@ -88,10 +87,6 @@ def _check_targets(targets: dict[str, int]) -> None:
         raise ValueError("prefill and decode pools need each other (or colocated workers)")
 
 
-def _is_idle(stats: dict) -> bool:
-    return not (stats.get("num_running", 0) or stats.get("num_waiting", 0) or stats.get("num_held", 0))
-
-
 class Controller:
     def __init__(self, config: ClusterConfig, store_url: str,
                  worker_factory: Callable[[str], Any] | None = None) -> None:
@@ -105,6 +100,8 @@ class Controller:
         self._loop_task: asyncio.Task | None = None
         self._stopping = False
         self.events: list[str] = []     # recent notable events, newest last (status output)
+        self._drainer = Drainer(config.pools, poll=self._poll, release=self._release,
+                                registry_call=self._registry_call, event=self._event)
 
     # -- lifecycle --------------------------------------------------------
     async def start(self, wait_ready: bool = True, timeout_s: float = _READY_TIMEOUT_S) -> dict:
@@ -152,7 +149,7 @@ class Controller:
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        await asyncio.gather(*(self._stop_slot(s) for s in self._slots.values()
+        await asyncio.gather(*(self._drainer.stop(s) for s in self._slots.values()
                                if s.actor is not None or s.placement_group is not None),
                              return_exceptions=True)
 
@@ -175,7 +172,7 @@ class Controller:
             victims = sorted(active, key=lambda s: (order[s.state.status], s.state.stats.get("num_running", 0),
                                                     -s.state.started_at))[:len(active) - n]
             for s in victims:
-                self._begin_drain(s)
+                self._drainer.begin(s)
         self._event(f"scale {role} → {n}")
         if wait:
             await self._wait_pool(role, n, timeout_s)
@@ -189,7 +186,7 @@ class Controller:
         role = slot.state.role
         _check_targets(dict(self._targets, **{role: max(0, self._targets[role] - 1)}))
         self._targets[role] = max(0, self._targets[role] - 1)
-        self._begin_drain(slot)
+        self._drainer.begin(slot)
         self._event(f"drain {worker_id}")
         if wait and slot.drain_task is not None:
             await asyncio.shield(slot.drain_task)
@@ -291,62 +288,6 @@ class Controller:
         slot.state.error = error
         self._event(f"{slot.state.worker_id} failed to start: {error}")
         return True
-
-    def _begin_drain(self, slot: _Slot) -> None:
-        status, slot.state.status = slot.state.status, "draining"
-        loop = asyncio.get_running_loop()
-        if status == "dead":            # gone already: nothing to drain
-            slot.drain_task = loop.create_task(self._finish(slot))
-        elif status == "starting":      # it may register any moment: let it, then drain it like any other
-            slot.drain_task = loop.create_task(self._drain_once_started(slot))
-        else:
-            slot.drain_task = loop.create_task(self._drain(slot))
-
-    async def _drain_once_started(self, slot: _Slot) -> None:
-        if not slot.placed:             # still waiting for resources: nothing can have been routed to it
-            await self._finish(slot)
-            return
-        if slot.ready_task is not None:
-            await asyncio.gather(asyncio.shield(slot.ready_task), return_exceptions=True)
-        if slot.ever_ready and slot.actor is not None:
-            await self._drain(slot)
-        else:
-            await self._finish(slot)
-
-    async def _drain(self, slot: _Slot) -> None:
-        wid = slot.state.worker_id
-        await self._registry_call("aset_draining", wid, True)
-        await asyncio.sleep(self.config.pools.drain_grace_s)
-        deadline = time.monotonic() + self.config.pools.drain_timeout_s
-        idle_polls = 0
-        while time.monotonic() < deadline:
-            stats = await self._poll(slot)
-            if stats is None:               # died while draining: nothing left to wait for
-                break
-            idle_polls = idle_polls + 1 if _is_idle(stats) else 0
-            if idle_polls >= 2:
-                break
-            await asyncio.sleep(0.25)
-        else:
-            self._event(f"{wid} still busy after {self.config.pools.drain_timeout_s}s of draining; stopping it")
-        await self._finish(slot)
-
-    async def _finish(self, slot: _Slot) -> None:
-        if slot.ready_task is not None and not slot.ready_task.done():
-            slot.ready_task.cancel()
-        await self._stop_slot(slot)
-        slot.state.status = "stopped"
-        self._event(f"{slot.state.worker_id} stopped")
-
-    async def _stop_slot(self, slot: _Slot) -> None:
-        actor = slot.actor
-        if actor is not None and slot.placed:       # an unplaced actor never ran: nothing to shut down
-            try:
-                await asyncio.wait_for(actor.shutdown.remote(), 10.0)
-            except Exception:
-                pass
-        self._release(slot)
-        await self._registry_call("aderegister", slot.state.worker_id)
 
     def _release(self, slot: _Slot) -> None:
         """Kill the slot's actor and remove its placement group (ending its TP ranks too)."""
