@@ -75,10 +75,9 @@ def prefill_main(cfg: dict, commands, replies) -> None:
     colocated = LLMEngine(engine_config(cfg, dev, "both"))
     staged = StagedExports(8 << 30)
 
-    def export(handle, start):         # as a GPU prefill worker does (workers/kv_source.py)
-        data = staged.take(handle, start)
-        return prefill.export_kv(handle.request_id, start) if data is None else data
-    host = PairHost(export, torch.device(dev))
+    def export(handle, start):
+        return prefill.export_kv(handle.request_id, start)
+    host = PairHost(export, torch.device(dev), take_staged=staged.take)   # as a GPU prefill worker
     replies.put((host.store_address, KVLayout.from_spec(prefill.kv_spec)))
     while True:
         cmd = commands.get()

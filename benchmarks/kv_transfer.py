@@ -24,14 +24,17 @@ Each size's first pull is checked bit-exactly against the holder's checksum.
 ``receiver_phases_ms`` / ``holder_phases_ms``: medians of where a pull's time
 goes (``PullResult.phases``, ``PairHost.timings``).
 
-Concurrent pulls (how a decode worker pulls under load: many requests' KV from
-one prefill worker at once), ``--concurrent-mb`` of requests of one size
-started together (at least 2, at most 32 pulls), ``--iters`` rounds, median
-round: ``ours_concurrent`` GB/s = bytes of the round / (first start → last
-DONE), the holder exporting on demand; ``ours_concurrent_staged`` the same with
-every export made before the round (as a GPU prefill worker stages held KV,
-kvtransfer/staging.py). The pair batches queued pulls into one send
-(kvtransfer/nccl_pairs.py); ``batch_sizes`` says how they went out.
+Many pulls (how a decode worker pulls under load: many requests' KV from one
+prefill worker), each mode with the holder exporting on demand and ``_staged``
+with every export made beforehand (as a GPU prefill worker stages held KV,
+kvtransfer/staging.py); the pair batches queued pulls into one send
+(kvtransfer/nccl_pairs.py), ``batch_sizes`` says how they went out:
+- ``burst``: ``--burst-mb`` of pulls of one size started together (2 … 32
+  pulls), median of ``--iters`` bursts, GB/s = bytes / (first start → last DONE);
+- ``stream``: ``--stream-mb`` of pulls of one size (at least 4), at most 1 GiB
+  of them in flight (a new pull starts as one ends), GB/s = bytes / (first
+  start → last DONE), median of 3 streams, against ``raw_stream``: the same
+  number of back-to-back raw sends of the same size (sustained).
 """
 
 from __future__ import annotations
@@ -62,9 +65,12 @@ def kv_spec(block_size: int, dtype: torch.dtype):
     return KVCacheSpec(mc.num_hidden_layers, mc.num_key_value_heads, mc.head_dim, block_size, dtype)
 
 
-def concurrency(nbytes: int, round_bytes: int) -> int:
-    """Pulls per concurrent round: ``round_bytes`` of them, at least 2, at most 32."""
-    return max(2, min(32, round_bytes // nbytes))
+def plans(nbytes: int, cfg: dict) -> dict:
+    """mode → (pulls, most in flight): a burst of ``burst_bytes`` (2 … 32 pulls);
+    a stream of ``stream_bytes`` (at least 4 pulls), at most 1 GiB in flight."""
+    burst = max(2, min(32, cfg["burst_bytes"] // nbytes))
+    stream = max(4, cfg["stream_bytes"] // nbytes)
+    return {"burst": (burst, burst), "stream": (stream, max(2, min(stream, (1 << 30) // nbytes)))}
 
 
 def checksum(t: torch.Tensor) -> int:
@@ -88,7 +94,6 @@ def _sync(device):
 
 def holder_main(cfg: dict, commands, replies) -> None:
     from engine.kv_cache import KVCache
-    from kvtransfer.nccl import _export_fn
     from kvtransfer.nccl_pairs import PairHost
     from kvtransfer.sources import CacheKVSource
     from kvtransfer.staging import StagedExports
@@ -113,10 +118,10 @@ def holder_main(cfg: dict, commands, replies) -> None:
     for n in cfg["blocks"]:
         ids = torch.randperm(cfg["num_blocks"], generator=gen)[:n].tolist()
         source.hold(f"r{n}", ids)
-        for j in range(concurrency(n * cfg["block_bytes"], cfg["concurrent_bytes"])):
+        for j in range(max(count for count, _ in plans(n * cfg["block_bytes"], cfg).values())):
             source.hold(f"r{n}.{j}", ids)              # the same blocks under other request ids
         holds[n] = (ids, checksum(cache.export_blocks(ids)))
-    host = PairHost(_export_fn(source), dev)
+    host = PairHost(source.export_sync, dev, take_staged=source.take_staged)
     replies.put((host.store_address, holds))
     raw = raw_group(cfg["raw_address"], 0, dev)
     bufs = {}
@@ -129,7 +134,7 @@ def holder_main(cfg: dict, commands, replies) -> None:
             replies.put(list(host.timings))
             host.timings.clear()
             continue
-        if cmd[0] == "stage":                          # ("stage", blocks, k): exports for the next round
+        if cmd[0] == "stage":                          # ("stage", blocks, k): exports for the next pulls
             _, n, k = cmd
             for j in range(k):
                 source.staged.put(f"r{n}.{j}", holds[n][0], cache.export_blocks(holds[n][0]))
@@ -189,28 +194,25 @@ async def measure(cfg, store_address, holds, commands, replies, raw) -> list[dic
             commands.put(("timings",))
             held = replies.get(timeout=60)[-cfg["iters"]:]
             nbytes = n * spec.bytes_per_block
-            k = concurrency(nbytes, cfg["concurrent_bytes"])
-            conc = {mode: await concurrent_rounds(cfg, endpoint, handle, layout, n, k, mode == "staged",
-                                                  commands, replies, gloo)
-                    for mode in ("on_demand", "staged")}
             raw_s = raw_transfer(raw, dev, nbytes, cfg["iters"], commands, replies)
             pull_s = raw_pull(raw, dev, nbytes, cfg["iters"], commands, replies)
+            many = {f"{mode}{'_staged' if staged else ''}": await pull_many(
+                        cfg, endpoint, handle, layout, n, *plan, staged, commands, replies, gloo)
+                    for mode, plan in plans(nbytes, cfg).items() for staged in (False, True)}
+            raw_stream_s = raw_transfer(raw, dev, nbytes, plans(nbytes, cfg)["stream"][0], commands, replies)
             row = {"mbytes": nbytes / MB, "bytes": nbytes, "blocks": n,
                    "ours_e2e_ms": statistics.median(e2e) * 1e3, "ours_wire_ms": statistics.median(wire) * 1e3,
-                   "raw_ms": raw_s * 1e3, "raw_pull_ms": pull_s * 1e3,
+                   "raw_ms": raw_s * 1e3, "raw_pull_ms": pull_s * 1e3, "raw_stream_ms": raw_stream_s * 1e3,
                    "receiver_phases_ms": {k: round(statistics.median(p[k] for p in phases), 4) for k in phases[0]},
                    "holder_phases_ms": {k: round(statistics.median(t[k] for t in held), 4)
                                         for k in held[0] if k != "nbytes"},
-                   "concurrent_pulls": k,
-                   "ours_concurrent_round_ms": conc["on_demand"]["round_ms"],
-                   "ours_concurrent_staged_round_ms": conc["staged"]["round_ms"],
-                   "batch_sizes": {m: c["batch_sizes"] for m, c in conc.items()},
-                   "concurrent_holder_phases_ms": {m: c["holder_ms"] for m, c in conc.items()}}
-            for key in ("ours_e2e", "ours_wire", "raw", "raw_pull"):
+                   "many": many}
+            for key in ("ours_e2e", "ours_wire", "raw", "raw_pull", "raw_stream"):
                 row[f"{key}_gbps"] = nbytes / (row[f"{key}_ms"] / 1e3) / 1e9
-            for key in ("ours_concurrent", "ours_concurrent_staged"):
-                row[f"{key}_gbps"] = k * nbytes / (row[f"{key}_round_ms"] / 1e3) / 1e9
-                row[f"ratio_{key[5:]}"] = row[f"{key}_gbps"] / row["raw_gbps"]
+            for mode, m in many.items():
+                row[f"ours_{mode}_gbps"] = m["pulls"] * nbytes / (m["ms"] / 1e3) / 1e9
+                baseline = row["raw_stream_gbps"] if mode.startswith("stream") else row["raw_gbps"]
+                row[f"ratio_{mode}"] = row[f"ours_{mode}_gbps"] / baseline
             for key in ("e2e", "wire"):
                 row[f"ratio_{key}"] = row[f"ours_{key}_gbps"] / row["raw_gbps"]
                 row[f"ratio_{key}_vs_raw_pull"] = row[f"ours_{key}_gbps"] / row["raw_pull_gbps"]
@@ -220,40 +222,56 @@ async def measure(cfg, store_address, holds, commands, replies, raw) -> list[dic
                   f"{row['raw_pull_gbps']:7.1f} GB/s  ratio e2e {row['ratio_e2e']:.2f} wire "
                   f"{row['ratio_wire']:.2f} (vs raw pull {row['ratio_e2e_vs_raw_pull']:.2f} / "
                   f"{row['ratio_wire_vs_raw_pull']:.2f})\n    receiver {row['receiver_phases_ms']}  holder "
-                  f"{row['holder_phases_ms']}\n    {k} concurrent pulls: on demand "
-                  f"{row['ours_concurrent_gbps']:7.1f} GB/s (ratio {row['ratio_concurrent']:.2f}), staged "
-                  f"{row['ours_concurrent_staged_gbps']:7.1f} GB/s (ratio {row['ratio_concurrent_staged']:.2f}); "
-                  f"batches {row['batch_sizes']}", flush=True)
+                  f"{row['holder_phases_ms']}\n    raw stream {row['raw_stream_gbps']:7.1f} GB/s; " + "; ".join(
+                      f"{mode} ({m['pulls']} pulls) {row[f'ours_{mode}_gbps']:.1f} GB/s ratio "
+                      f"{row[f'ratio_{mode}']:.2f} batches {m['batch_sizes']}" for mode, m in many.items()),
+                  flush=True)
     finally:
         endpoint.close()
     return rows
 
 
-async def concurrent_rounds(cfg, endpoint, handle, layout, n: int, k: int, staged: bool,
-                            commands, replies, gloo: bool) -> dict:
-    """``--iters`` rounds (after one warm-up) of ``k`` pulls of ``n`` blocks started
-    together: the median round's ms, how the pulls were batched, the holder's phases."""
+async def pull_many(cfg, endpoint, handle, layout, n: int, count: int, window: int, staged: bool,
+                    commands, replies, gloo: bool) -> dict:
+    """``count`` pulls of ``n`` blocks, at most ``window`` in flight (a new one starts
+    as one ends); a burst (count == window) is repeated ``--iters`` times, a stream 3
+    times, after one warm-up: the median's ms, how the pulls were batched, the
+    holder's phases."""
+    import asyncio
     from dataclasses import replace
     from kvtransfer.base import TransferState
     from kvtransfer.nccl import NcclKVReceiver
-    rounds, batches = [], []
-    for i in range(1 + cfg["iters"]):
-        if staged:
-            commands.put(("stage", n, k))
-            assert replies.get(timeout=120) == "staged"
-        receivers = [NcclKVReceiver(layout, nccl_endpoint=endpoint, allow_gloo=gloo) for _ in range(k)]
+
+    async def one(j: int) -> None:
+        rx = NcclKVReceiver(layout, nccl_endpoint=endpoint, allow_gloo=gloo)
+        rx.start(replace(handle, request_id=f"r{n}.{j}"))
+        if await rx.wait(timeout=120) is not TransferState.DONE:
+            raise RuntimeError(f"pull {j} of {n} blocks failed: {rx.error}")
+        batches.append(rx.wire_phases["batch"])
+
+    async def run() -> float:
+        slots = asyncio.Semaphore(window)
+
+        async def gated(j):
+            async with slots:
+                await one(j)
         t0 = time.perf_counter()
-        for j, rx in enumerate(receivers):
-            rx.start(replace(handle, request_id=f"r{n}.{j}"))
-        for rx in receivers:
-            if await rx.wait(timeout=120) is not TransferState.DONE:
-                raise RuntimeError(f"concurrent pull of {n} blocks failed: {rx.error}")
-        if i:
-            rounds.append(time.perf_counter() - t0)
-            batches.extend(rx.wire_phases["batch"] for rx in receivers)
+        await asyncio.gather(*(gated(j) for j in range(count)))
+        return time.perf_counter() - t0
+
+    times, batches = [], []
+    for i in range(1 + (cfg["iters"] if count == window else 3)):
+        if staged:
+            commands.put(("stage", n, count))
+            assert replies.get(timeout=120) == "staged"
+        if not i:
+            await run()
+            batches.clear()
+            continue
+        times.append(await run())
     commands.put(("timings",))
     held = replies.get(timeout=60)
-    return {"round_ms": statistics.median(rounds) * 1e3,
+    return {"pulls": count, "window": window, "ms": statistics.median(times) * 1e3,
             "batch_sizes": {str(b): batches.count(b) // b for b in sorted(set(batches))},
             "holder_ms": {key: round(statistics.median(t[key] for t in held), 4)
                           for key in held[0] if key != "nbytes"}}
@@ -299,7 +317,8 @@ def main() -> None:
     ap.add_argument("--sizes-mb", default="1,4,16,64,256,1024")
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--concurrent-mb", type=int, default=512, help="bytes of one concurrent round")
+    ap.add_argument("--burst-mb", type=int, default=512, help="MB of pulls started together")
+    ap.add_argument("--stream-mb", type=int, default=4096, help="MB of pulls in one stream")
     ap.add_argument("--cpu-smoke", action="store_true", help="gloo between two CPU processes, small sizes")
     args = ap.parse_args()
     from torch.distributed import TCPStore
@@ -312,7 +331,7 @@ def main() -> None:
            "holder_device": "cpu" if smoke else "cuda:0", "receiver_device": "cpu" if smoke else "cuda:1",
            "raw_address": f"127.0.0.1:{raw_store.port}", "iters": 3 if smoke else args.iters,
            "warmup": 1 if smoke else args.warmup, "block_bytes": kv_spec(block_size, torch.bfloat16).bytes_per_block,
-           "concurrent_bytes": (8 if smoke else args.concurrent_mb) * MB}
+           "burst_bytes": (8 if smoke else args.burst_mb) * MB, "stream_bytes": (16 if smoke else args.stream_mb) * MB}
     ctx = mp.get_context("spawn")
     commands, replies = ctx.Queue(), ctx.Queue()
     proc = ctx.Process(target=holder_main, args=(cfg, commands, replies), daemon=True)
@@ -339,14 +358,15 @@ def main() -> None:
         "benchmark": "kv_transfer", "env": env,
         "config": {"model": "dummy:llama3-8b", "bytes_per_token": kv_spec(block_size, torch.bfloat16).bytes_per_token,
                    "block_size": block_size, "dtype": "bfloat16", "iters": cfg["iters"], "warmup": cfg["warmup"],
-                   "concurrent_mb": cfg["concurrent_bytes"] // MB, "holder": cfg["holder_device"], "receiver": cfg["receiver_device"]},
+                   "burst_mb": cfg["burst_bytes"] // MB,
+                   "stream_mb": cfg["stream_bytes"] // MB, "holder": cfg["holder_device"], "receiver": cfg["receiver_device"]},
         "results": rows,
         "goal": {"ratio_at_least": 0.8, "from_mbytes": 16, "baseline": "raw (sustained)",
                  "met_e2e": bool(big) and all(r["ratio_e2e"] >= 0.8 for r in big),
                  "met_wire": bool(big) and all(r["ratio_wire"] >= 0.8 for r in big),
                  "met_e2e_vs_raw_pull": bool(big) and all(r["ratio_e2e_vs_raw_pull"] >= 0.8 for r in big),
-                 "met_concurrent": bool(big) and all(r["ratio_concurrent"] >= 0.8 for r in big),
-                 "met_concurrent_staged": bool(big) and all(r["ratio_concurrent_staged"] >= 0.8 for r in big)},
+                 **{f"met_{mode}": bool(big) and all(r[f"ratio_{mode}"] >= 0.8 for r in big)
+                    for mode in ("burst", "burst_staged", "stream", "stream_staged")}},
     }
     if args.out or not smoke:
         print(f"wrote {write_result('kv_transfer', payload, args.out)}")

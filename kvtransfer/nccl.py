@@ -118,21 +118,9 @@ class NcclKVReceiver(KVReceiver):
 
 
 def _export_fn(source: KVSource):
-    """A thread-callable export: the source's staged export when it has one for the
-    handle (``take_staged``, kvtransfer/staging.py), else ``export_sync`` when the
-    source has one, else its coroutine run on the loop that was running at serve time."""
-    export = _direct_export_fn(source)
-    take = getattr(source, "take_staged", None)
-    if take is None:
-        return export
-
-    def staged_or_export(handle, start_block):
-        data = take(handle, start_block)
-        return export(handle, start_block) if data is None else data
-    return staged_or_export
-
-
-def _direct_export_fn(source: KVSource):
+    """A thread-callable export: ``export_sync`` when the source has one, else its
+    coroutine run on the loop that was running at serve time. (A source's staged
+    exports, ``take_staged``, go to the PairHost beside it.)"""
     if hasattr(source, "export_sync"):
         return source.export_sync
     import asyncio
@@ -155,7 +143,8 @@ def serve(source: KVSource, ctx: ServeContext):
     if device.type != "cuda" and not opts.get("allow_gloo"):
         return lambda: None          # no GPU: nothing to serve, handles carry no transport_address
     host = opts.get("host") or ctx.address.rpartition(":")[0] or "127.0.0.1"
-    pair_host = PairHost(_export_fn(source), device, host, opts.get("timeout_s", 120.0))
+    pair_host = PairHost(_export_fn(source), device, host, opts.get("timeout_s", 120.0),
+                         take_staged=getattr(source, "take_staged", None))
     ctx.advertised["nccl"] = pair_host.store_address
     return pair_host.close
 

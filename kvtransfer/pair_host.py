@@ -26,16 +26,30 @@ log = logging.getLogger(__name__)
 _RETIRE_POLL_S = 0.0005    # while sends are in flight, how often the pair thread checks on them
 
 
+def export_part(take_staged, export, handle: KVHandle, start_block: int, wait_event, wait_engine) -> torch.Tensor:
+    """One pull's tensor, on a pair thread with the pair's stream current: the staged
+    export when ``take_staged`` has it (the stream waits for its ready event only),
+    else ``export`` made now, after ``wait_engine()``."""
+    staged = take_staged(handle, start_block) if take_staged is not None else None
+    if staged is not None:
+        wait_event(staged.ready)
+        return staged.tensor
+    wait_engine()
+    return export(handle, start_block)
+
+
 class PairHost:
     """The holder's end: a rendezvous store, a control listener, one thread per pair.
 
-    ``export(handle, start_block) -> tensor`` is called on pair threads."""
+    ``export(handle, start_block) -> tensor`` and ``take_staged(handle, start_block)
+    -> StagedExport | None`` (kvtransfer/staging.py) are called on pair threads."""
 
     def __init__(self, export: Callable[[KVHandle, int], torch.Tensor], device: torch.device,
-                 host: str = "127.0.0.1", timeout_s: float = 120.0):
+                 host: str = "127.0.0.1", timeout_s: float = 120.0, take_staged: Callable | None = None):
         from torch.distributed import TCPStore
 
-        self.export, self.device, self.timeout_s = export, torch.device(device), timeout_s
+        self.export, self.take_staged = export, take_staged
+        self.device, self.timeout_s = torch.device(device), timeout_s
         self.store = TCPStore(host, 0, None, True, timeout=datetime.timedelta(seconds=timeout_s),
                               wait_for_workers=False)
         self.store_address = f"{host}:{self.store.port}"
@@ -128,11 +142,18 @@ class _HostPair:
         ch = self.channel
         offsets, total = batch_layout([nbytes for _, _, nbytes in items])
         outcomes, parts = [], []
-        with ch.after_engine():    # exports on the pair's stream, after the engine's writes
+        waited_engine = [False]
+
+        def wait_engine():               # once per batch, and only for an export made now
+            if not waited_engine[0]:
+                ch.wait_engine()
+                waited_engine[0] = True
+        with ch.on_stream():
             for handle, start_block, nbytes in items:
                 try:
-                    part = self.host.export(handle, start_block).to(ch.device).contiguous().view(-1)
-                    part = part.view(torch.uint8)
+                    part = export_part(self.host.take_staged, self.host.export, handle, start_block,
+                                       ch.wait_event, wait_engine)
+                    part = part.to(ch.device).contiguous().view(-1).view(torch.uint8)
                     if part.numel() != nbytes:
                         raise KVTransferError(f"holder has {part.numel()} bytes for {handle.request_id!r} "
                                               f"blocks [{start_block}:], the receiver expects {nbytes}")
@@ -145,6 +166,8 @@ class _HostPair:
                     parts.append(None)
             if len(parts) == 1 and parts[0] is not None:
                 buf = parts[0]                                     # one pull: its export is the message
+            elif None not in parts and sum(p.numel() for p in parts) == total:
+                buf = torch.cat(parts)                             # no gaps in the layout: one copy
             else:
                 buf = torch.empty(total, dtype=torch.uint8, device=ch.device)
                 for offset, part in zip(offsets, parts):

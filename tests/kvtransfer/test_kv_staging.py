@@ -4,7 +4,7 @@ when the request became held, only when it is exactly what the pull asks for."""
 import torch
 
 from kvtransfer import KVHandle
-from kvtransfer.nccl import _export_fn
+from kvtransfer.pair_host import export_part
 from kvtransfer.sources import CacheKVSource
 from kvtransfer.staging import StagedExports
 from tests.kvtransfer.nccl_holder_proc import HELD_BLOCKS, make_full_cache
@@ -36,12 +36,18 @@ def test_a_pull_takes_the_staged_export_once_and_falls_back_otherwise():
     source.hold("r1", HELD_BLOCKS)
     staged = cache.export_blocks(HELD_BLOCKS)
     assert source.staged.put("r1", HELD_BLOCKS, staged)
-    export = _export_fn(source)
+    waits = []
+
+    def export(h, start):        # as a pair thread does: staged (wait for its event) or exported now
+        return export_part(source.take_staged, source.export_sync, h, start,
+                           lambda ready: waits.append(("event", ready)), lambda: waits.append("engine"))
     assert export(handle(), 1) is not staged and source.exports == 1       # from block 1: not what was staged
+    assert waits == ["engine"]                                             # an export now waits for the engine
     assert export(handle(), 0) is staged and source.exports == 1           # taken, no export
+    assert waits[1] == ("event", None)                                     # staged: its own event (none on CPU)
     assert len(source.staged) == 0 and source.staged.num_bytes == 0 and source.staged.hits == 1
     again = export(handle(), 0)                                            # taken once: exported now
-    assert source.exports == 2 and torch.equal(again, staged)
+    assert source.exports == 2 and torch.equal(again, staged) and waits[2] == "engine"
 
 
 def test_stale_blocks_budget_and_retain():

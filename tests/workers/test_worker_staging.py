@@ -29,7 +29,7 @@ async def test_held_requests_are_staged_and_dropped_with_the_hold(tiny_model_dir
         h2 = await client.prefill("r2", list(range(40, 49)), GREEDY)
         assert await wait_for(lambda: "r1" in staged and "r2" in staged)
         exported = await host.loop.call(lambda e: e.export_kv("r1"))
-        data = host.kv_sources["device"].take_staged(h1, 0)
+        data = host.kv_sources["device"].take_staged(h1, 0).tensor
         assert torch.equal(data, exported)                        # the held blocks, exactly
         assert "r1" not in staged                                 # a pull takes it once
         assert host.kv_sources["device"].take_staged(h2, 1) is None and "r2" in staged   # not from block 1
