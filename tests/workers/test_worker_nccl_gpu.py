@@ -1,7 +1,7 @@
 """A prefill worker on cuda:0 and a decode worker on cuda:1, KV over the nccl
 transport (pair built on the first pull, staged exports, batched pulls): greedy
 output token-identical to a colocated engine on the same weights. Skipped with
-fewer than 2 GPUs."""
+fewer than 2 GPUs (synchronous tests: the GPU image has no pytest-asyncio)."""
 
 import asyncio
 
@@ -20,7 +20,11 @@ pytestmark = [pytest.mark.multigpu,
 
 
 @pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
-async def test_disaggregated_over_nccl_matches_a_colocated_engine(tiny_model_dir, async_scheduling):
+def test_disaggregated_over_nccl_matches_a_colocated_engine(tiny_model_dir, async_scheduling):
+    asyncio.run(disaggregated_over_nccl(tiny_model_dir, async_scheduling))   # no pytest-asyncio needed
+
+
+async def disaggregated_over_nccl(tiny_model_dir, async_scheduling):
     prompts = [list(range(10 + i, 31 + 3 * i)) for i in range(12)]
     fallbacks_before = dict(FALLBACKS)
     with FORWARD_LOCK:
