@@ -18,6 +18,9 @@ Decisions:
   sharded is checked by ``cluster.tp_launcher.check_prefill_tp`` at launch
   (it reads the model's config; this module does no I/O).
 - ``engine.extra`` passes any other ``EngineConfig`` field through unchanged.
+- ``engine.device`` on GPU is ``cuda`` (or ``cuda:0``): Ray gives each worker
+  process (each TP rank) its own GPU and sets ``CUDA_VISIBLE_DEVICES`` to it,
+  so every process sees exactly one device, ``cuda:0``; ``cuda:N`` is refused.
 """
 
 from __future__ import annotations
@@ -208,6 +211,9 @@ class ClusterConfig:
 
     def __post_init__(self) -> None:
         on_gpu = self.engine.device.startswith("cuda")
+        if on_gpu and self.engine.device not in ("cuda", "cuda:0"):
+            raise ValueError(f"engine.device={self.engine.device}: Ray gives each worker process its own GPU "
+                             "(CUDA_VISIBLE_DEVICES), which it sees as cuda:0; use engine.device=cuda")
         if on_gpu and self.pools.num_gpus <= 0:
             raise ValueError("engine.device is cuda but pools.num_gpus is 0: Ray would give the workers no GPU "
                              "(set pools.num_gpus, e.g. 1)")

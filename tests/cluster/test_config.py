@@ -53,6 +53,7 @@ def test_engine_section_builds_engine_config():
     ({"pools.restart_dead": 1}, "must be bool"),
     ({"pools.resources": {"router": {"x": 1}}}, "pools.resources"),
     ({"engine.device": "cuda"}, "pools.num_gpus is 0"),
+    ({"engine.device": "cuda:1", "pools.num_gpus": 1}, "engine.device=cuda:1: Ray gives each worker process"),
 ])
 def test_validation_errors_name_the_key(overrides, message):
     with pytest.raises(ValueError, match=message):
