@@ -82,6 +82,19 @@ def add_rmsnorm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, e
 
 
 @triton.jit
+def _rotate_heads(ptr, stride_h, c, s, d, dmask, NH: tl.constexpr, NH_P: tl.constexpr, HALF: tl.constexpr):
+    """Rotate-half RoPE in place on the ``NH`` heads of one token at ``ptr``."""
+    h = tl.arange(0, NH_P)[:, None]
+    m = (h < NH) & dmask[None, :]
+    p1 = ptr + h * stride_h + d[None, :]
+    x1 = tl.load(p1, mask=m, other=0.0)
+    x2 = tl.load(p1 + HALF, mask=m, other=0.0)
+    a, b = x1.to(tl.float32), x2.to(tl.float32)
+    tl.store(p1, (a * c - b * s).to(x1.dtype), mask=m)
+    tl.store(p1 + HALF, (b * c + a * s).to(x1.dtype), mask=m)
+
+
+@triton.jit
 def _rope_kernel(q_ptr, k_ptr, cos_ptr, sin_ptr,
                  stride_qt, stride_qh, stride_kt, stride_kh, stride_cos,
                  H: tl.constexpr, KH: tl.constexpr, H_P: tl.constexpr, KH_P: tl.constexpr,
@@ -91,24 +104,8 @@ def _rope_kernel(q_ptr, k_ptr, cos_ptr, sin_ptr,
     dmask = d < HALF
     c = tl.load(cos_ptr + t * stride_cos + d, mask=dmask, other=0.0)[None, :]
     s = tl.load(sin_ptr + t * stride_cos + d, mask=dmask, other=0.0)[None, :]
-
-    h = tl.arange(0, H_P)[:, None]
-    m = (h < H) & dmask[None, :]
-    p1 = q_ptr + t * stride_qt + h * stride_qh + d[None, :]
-    x1 = tl.load(p1, mask=m, other=0.0)
-    x2 = tl.load(p1 + HALF, mask=m, other=0.0)
-    a, b = x1.to(tl.float32), x2.to(tl.float32)
-    tl.store(p1, (a * c - b * s).to(x1.dtype), mask=m)
-    tl.store(p1 + HALF, (b * c + a * s).to(x1.dtype), mask=m)
-
-    h = tl.arange(0, KH_P)[:, None]
-    m = (h < KH) & dmask[None, :]
-    p1 = k_ptr + t * stride_kt + h * stride_kh + d[None, :]
-    x1 = tl.load(p1, mask=m, other=0.0)
-    x2 = tl.load(p1 + HALF, mask=m, other=0.0)
-    a, b = x1.to(tl.float32), x2.to(tl.float32)
-    tl.store(p1, (a * c - b * s).to(x1.dtype), mask=m)
-    tl.store(p1 + HALF, (b * c + a * s).to(x1.dtype), mask=m)
+    _rotate_heads(q_ptr + t * stride_qt, stride_qh, c, s, d, dmask, H, H_P, HALF)
+    _rotate_heads(k_ptr + t * stride_kt, stride_kh, c, s, d, dmask, KH, KH_P, HALF)
 
 
 def rope_(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,

@@ -130,6 +130,17 @@ def _online_softmax_step(s, v, m_i, l_i, acc, DOT_PREC: tl.constexpr):
     return m_new, l_i, acc
 
 
+@triton.jit
+def _kv_tile_base(bt_row, toks, kh, stride_cb, stride_ct, stride_ch, BLOCK_SIZE: tl.constexpr, tmask=None):
+    """Offsets of the key/value rows of tokens ``toks`` of one KV head (``tmask``:
+    which tokens exist; None when all do) through the request's block-table row."""
+    if tmask is None:
+        blk = tl.load(bt_row + toks // BLOCK_SIZE).to(tl.int64)
+    else:
+        blk = tl.load(bt_row + toks // BLOCK_SIZE, mask=tmask, other=0).to(tl.int64)
+    return blk * stride_cb + (toks % BLOCK_SIZE) * stride_ct + kh * stride_ch
+
+
 # per-step values (batch width, split count) are not specialized on: a new
 # divisibility class would otherwise recompile the kernel mid-serving
 @triton.jit(do_not_specialize=["num_splits", "stride_bt"])
@@ -177,8 +188,7 @@ def _decode_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, seq_lens_ptr, qsl_ptr,
         for n0 in range(start, end, BLOCK_N):
             toks = n0 + offs_n
             tmask = toks < end
-            blk = tl.load(bt_row + toks // BLOCK_SIZE, mask=tmask, other=0).to(tl.int64)
-            base = blk * stride_cb + (toks % BLOCK_SIZE) * stride_ct + kh * stride_ch
+            base = _kv_tile_base(bt_row, toks, kh, stride_cb, stride_ct, stride_ch, BLOCK_SIZE, tmask)
             kv_mask = tmask[:, None] & dmask[None, :]
             k = tl.load(kc_ptr + base[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
             s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
@@ -327,8 +337,7 @@ def _prefill_kernel(q_ptr, kc_ptr, vc_ptr, out_ptr, bt_ptr, seq_lens_ptr, qsl_pt
     kv_end = tl.minimum(ctx0 + (qt + 1) * BLOCK_M, seq_len)
     for n0 in range(0, full_end, BLOCK_N):
         toks = n0 + offs_n
-        blk = tl.load(bt_row + toks // BLOCK_SIZE).to(tl.int64)
-        base = blk * stride_cb + (toks % BLOCK_SIZE) * stride_ct + kh * stride_ch
+        base = _kv_tile_base(bt_row, toks, kh, stride_cb, stride_ct, stride_ch, BLOCK_SIZE)
         k = tl.load(kc_ptr + base[:, None] + offs_d[None, :], mask=dmask[None, :], other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
         v = tl.load(vc_ptr + base[:, None] + offs_d[None, :], mask=dmask[None, :], other=0.0)
@@ -336,8 +345,7 @@ def _prefill_kernel(q_ptr, kc_ptr, vc_ptr, out_ptr, bt_ptr, seq_lens_ptr, qsl_pt
     for n0 in range(full_end, kv_end, BLOCK_N):   # the diagonal: causal mask
         toks = n0 + offs_n
         tmask = toks < kv_end
-        blk = tl.load(bt_row + toks // BLOCK_SIZE, mask=tmask, other=0).to(tl.int64)
-        base = blk * stride_cb + (toks % BLOCK_SIZE) * stride_ct + kh * stride_ch
+        base = _kv_tile_base(bt_row, toks, kh, stride_cb, stride_ct, stride_ch, BLOCK_SIZE, tmask)
         kv_mask = tmask[:, None] & dmask[None, :]
         k = tl.load(kc_ptr + base[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
