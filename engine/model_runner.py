@@ -159,7 +159,7 @@ class ModelRunner:
         step.host = [self._to_host(t) for t in step.sampled]
         if self.device.type == "cuda":
             step.event = torch.cuda.Event()
-            step.event.record()
+            step.event.record(torch.cuda.current_stream(self.device))
         return step
 
     def collect(self, step: InflightStep) -> RunnerOutput:
