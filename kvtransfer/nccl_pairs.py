@@ -60,7 +60,7 @@ from kvtransfer.pair_host import PairHost
 
 _SPIN_S = 0.005        # a pull polls its bytes without sleeping this long (1 GB lands in ~3 ms on NVLink)
 _POLL_S = 0.0002       # then every this often, also checking that the holder is still there
-_DEPTH = 2             # batches in flight per pair
+_DEPTH = 3             # batches in flight per pair: the next two are asked for while one lands
 _MAX_BATCH_BYTES = 256 << 20    # a batch takes queued pulls up to this many bytes (at least one pull)
 _ERRORS = {"not_found": KVNotFound, "stale": KVStaleHandle}
 

@@ -153,7 +153,9 @@ class _HostPair:
                 try:
                     part = export_part(self.host.take_staged, self.host.export, handle, start_block,
                                        ch.wait_event, wait_engine)
-                    part = part.to(ch.device).contiguous().view(-1).view(torch.uint8)
+                    if part.device != ch.device or not part.is_contiguous():
+                        part = part.to(ch.device).contiguous()
+                    part = part.view(-1).view(torch.uint8)
                     if part.numel() != nbytes:
                         raise KVTransferError(f"holder has {part.numel()} bytes for {handle.request_id!r} "
                                               f"blocks [{start_block}:], the receiver expects {nbytes}")
