@@ -115,7 +115,10 @@ class CUDAGraphRunner:
             model(ids, pos)                      # warm-up outside the capture
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool), forward_context(meta, kv, backend):
+        # thread_local: another thread's CUDA calls (a second engine starting in this process,
+        # a KV pair thread) must not invalidate this capture; only this thread's must not sync
+        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"), \
+                forward_context(meta, kv, backend):
             out = model(ids, pos)
         torch.cuda.synchronize(self.runner.device)
         self._pool = graph.pool()
