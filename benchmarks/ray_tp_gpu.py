@@ -394,7 +394,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-model-len", type=int, default=2048)
     ap.add_argument("--max-num-batched-tokens", type=int, default=2048)
     ap.add_argument("--num-cpus-per-rank", type=float, default=1.0)
-    ap.add_argument("--ray-num-cpus", type=int, default=None)
+    ap.add_argument("--ray-num-cpus", type=int, default=8,
+                    help="CPUs of the local Ray (baton up --num-cpus; 0: all — Ray prestarts a worker per CPU)")
     ap.add_argument("--min-gpus", type=int, default=None, help="default tp + 1 (the decode worker)")
     ap.add_argument("--start-timeout", type=float, default=360.0)
     ap.add_argument("--seed", type=int, default=0)
@@ -411,6 +412,7 @@ def main(argv: list[str] | None = None) -> int:
             if getattr(args, k) == ap.get_default(k):
                 setattr(args, k, v)
     args.num_kv_blocks = args.num_kv_blocks or None
+    args.ray_num_cpus = args.ray_num_cpus or None
     for k, v in NO_MULTICAST.items():
         os.environ.setdefault(k, v)
 
