@@ -248,6 +248,7 @@ async def pull_many(cfg, endpoint, handle, layout, n: int, count: int, window: i
         if await rx.wait(timeout=120) is not TransferState.DONE:
             raise RuntimeError(f"pull {j} of {n} blocks failed: {rx.error}")
         batches.append(rx.wire_phases["batch"])
+        phases.append(rx.wire_phases)
 
     async def run() -> float:
         slots = asyncio.Semaphore(window)
@@ -259,7 +260,7 @@ async def pull_many(cfg, endpoint, handle, layout, n: int, count: int, window: i
         await asyncio.gather(*(gated(j) for j in range(count)))
         return time.perf_counter() - t0
 
-    times, batches = [], []
+    times, batches, phases = [], [], []
     for i in range(1 + (cfg["iters"] if count == window else 3)):
         if staged:
             commands.put(("stage", n, count))
@@ -267,6 +268,7 @@ async def pull_many(cfg, endpoint, handle, layout, n: int, count: int, window: i
         if not i:
             await run()
             batches.clear()
+            phases.clear()
             continue
         times.append(await run())
     commands.put(("timings",))
@@ -274,7 +276,8 @@ async def pull_many(cfg, endpoint, handle, layout, n: int, count: int, window: i
     return {"pulls": count, "window": window, "ms": statistics.median(times) * 1e3,
             "batch_sizes": {str(b): batches.count(b) // b for b in sorted(set(batches))},
             "holder_ms": {key: round(statistics.median(t[key] for t in held), 4)
-                          for key in held[0] if key != "nbytes"}}
+                          for key in held[0] if key != "nbytes"},
+            "receiver_ms": {key: round(statistics.median(p[key] for p in phases), 4) for key in phases[0]}}
 
 
 def raw_transfer(raw, dev, nbytes: int, iters: int, commands, replies) -> float:

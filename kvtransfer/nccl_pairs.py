@@ -80,8 +80,9 @@ class NoPath(Exception):
 class PullResult:
     data: torch.Tensor      # the holder's wire shape, on the receiver's device (a view of its batch's buffer)
     seconds: float          # its batch: recv posted → bytes landed
-    phases: dict            # ms: queued (pull() → its batch posted), post_recv (recv posted + PULL
-                            # pickled), landed (PULL sent → bytes seen), finish (reading the reply);
+    phases: dict            # ms: queued (pull() → its batch posted), post_recv (recv posted), landed
+                            # (PULL sent → bytes seen), finish (reading the reply), launch (the
+                            # batch's host work: recv posted + PULL pickled and sent);
                             # batch: how many pulls shared the send
 
 
@@ -104,6 +105,7 @@ class _Batch:
     done: Callable[[], bool] | None
     posted_at: float
     asked_at: float
+    launched_at: float
 
 
 class ClientPair:
@@ -154,17 +156,18 @@ class ClientPair:
     async def pull(self, handle: KVHandle, start_block: int, shape: tuple[int, ...],
                    dtype: torch.dtype) -> PullResult:
         """One pull: queued for the pump, which sends it in the next batch. A
-        cancelled caller's pull still runs to its end (the pair stays in step)."""
+        cancelled caller's pull still runs to its end (the pair stays in step);
+        only its result is dropped."""
         import asyncio
         if self.broken:
             raise KVTransferError(f"the pair with {self.store_address} is closed")
         loop = asyncio.get_running_loop()
-        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        nbytes = math.prod(shape) * dtype.itemsize
         future = loop.create_future()
         self._queue.append(_Pull(handle, start_block, nbytes, tuple(shape), dtype, future, time.perf_counter()))
         if self._pump is None or self._pump.done() or self._pump_loop is not loop:
             self._pump, self._pump_loop = loop.create_task(self._run_pump()), loop
-        return await asyncio.shield(future)
+        return await future
 
     async def _run_pump(self) -> None:
         import asyncio
@@ -177,11 +180,12 @@ class ClientPair:
                 batch = inflight[0]
                 if batch.done is None:                      # gloo (CPU tests): wait on the pair's thread
                     await loop.run_in_executor(self.executor, self.channel.finish, batch.work)
+                head_at = time.perf_counter()               # spin from when it is the oldest batch
                 while batch.done is not None and not batch.done():
-                    waited = time.perf_counter() - batch.posted_at
-                    if waited > self.timeout_s:
+                    now = time.perf_counter()
+                    if now - batch.posted_at > self.timeout_s:
                         raise TimeoutError(f"no KV after {self.timeout_s}s")
-                    if waited < _SPIN_S:
+                    if now - head_at < _SPIN_S:
                         await asyncio.sleep(0)
                     else:
                         if peer_closed(self.sock):
@@ -211,18 +215,19 @@ class ClientPair:
             pulls.append(self._queue.popleft())
         self._launching = pulls                             # failed with the pair if posting fails
         _, size = batch_layout([p.nbytes for p in pulls])
-        buf = torch.empty(size, dtype=torch.uint8, device=self.device)
+        buf = self.channel.empty(size)
         posted_at = time.perf_counter()
         work = self.channel.post("recv", buf)               # posted before asking: the send lands at once
         asked_at = time.perf_counter()
         items = [(replace(p.handle, prompt_token_ids=[]), p.start_block, p.nbytes) for p in pulls]
         send_msg(self.sock, ("pull", items, asked_at))
         self._launching = []
-        return _Batch(pulls, buf, work, self.channel.probe(work), posted_at, asked_at)
+        return _Batch(pulls, buf, work, self.channel.probe(work), posted_at, asked_at, time.perf_counter())
 
     def _resolve(self, batch: _Batch, reply, landed_at: float) -> None:
         _, outcomes = reply
         offsets, _ = batch_layout([p.nbytes for p in batch.pulls])
+        self.channel.hand_over(batch.buf)
         now = time.perf_counter()
         for pull, offset, outcome in zip(batch.pulls, offsets, outcomes):
             if pull.future.done():
@@ -235,6 +240,7 @@ class ClientPair:
             phases = dict(queued=1e3 * (batch.posted_at - pull.queued_at),
                           post_recv=1e3 * (batch.asked_at - batch.posted_at),
                           landed=1e3 * (landed_at - batch.asked_at), finish=1e3 * (now - landed_at),
+                          launch=1e3 * (batch.launched_at - batch.posted_at),
                           batch=len(batch.pulls))
             pull.future.set_result(PullResult(data, landed_at - batch.posted_at, phases))
 

@@ -59,7 +59,8 @@ class PairHost:
         self.pairs: dict[int, "_HostPair"] = {}
         # the last batches' phases in ms (benchmarks/kv_transfer.py reports them): ``wake`` PULL
         # sent by the receiver → read here (one monotonic clock per host), ``export`` the
-        # exports' host time, ``posted`` PULL read → send posted, ``sent`` → send seen
+        # exports' host time (``gather`` of it: packing the parts into one buffer), ``posted``
+        # PULL read → send posted, ``sent`` → send seen
         # completed (on CUDA within ``_RETIRE_POLL_S``); ``batch`` pulls in it
         self.timings: deque[dict] = deque(maxlen=256)
         self._ids = itertools.count(1)
@@ -166,6 +167,7 @@ class _HostPair:
                             "stale" if isinstance(e, KVStaleHandle) else "error")
                     outcomes.append(("err", kind, str(e) or type(e).__name__))
                     parts.append(None)
+            t_parts = time.perf_counter()
             if len(parts) == 1 and parts[0] is not None:
                 buf = parts[0]                                     # one pull: its export is the message
             elif None not in parts and sum(p.numel() for p in parts) == total:
@@ -180,6 +182,7 @@ class _HostPair:
         t_posted = time.perf_counter()
         send_msg(self.sock, ("done", outcomes))   # the receiver reads it once the bytes landed
         timing = dict(wake=1e3 * (t_in - sent_at), export=1e3 * (t_exported - t_in),
+                      gather=1e3 * (t_exported - t_parts),
                       posted=1e3 * (t_posted - t_in), nbytes=total, batch=len(items))
         done = ch.probe(work)
         if done is None:                          # gloo: its send completes through wait
