@@ -54,6 +54,9 @@ class RouterSection:
             raise ValueError("router.host must be non-empty")
 
 
+KV_TRANSPORTS = ("auto", "nccl", "grpc")
+
+
 @dataclass(frozen=True)
 class PoolSection:
     prefill: int = 1
@@ -83,8 +86,14 @@ class PoolSection:
     their worker set every second; requests already routed must land first)."""
     resources: dict = field(default_factory=dict, hash=False, compare=False)
     """Extra Ray resources per role, e.g. ``{prefill: {baton_prefill: 1}}`` to pin pools to node groups."""
+    kv_transport: str = "auto"
+    """How decode workers pull KV from prefill workers: ``nccl`` (GPU to GPU; falls back to grpc
+    where no NCCL path exists and says so in metrics), ``grpc``, or ``auto``: nccl when the
+    engine runs on CUDA, else grpc."""
 
     def __post_init__(self) -> None:
+        if self.kv_transport not in KV_TRANSPORTS:
+            raise ValueError(f"pools.kv_transport must be one of {KV_TRANSPORTS}, got {self.kv_transport!r}")
         for role in ROLES:
             n = getattr(self, role)
             if not isinstance(n, int) or n < 0:
@@ -118,6 +127,12 @@ class PoolSection:
 
     def count(self, role: str) -> int:
         return getattr(self, check_role(role))
+
+    def transport_for(self, device: str) -> str:
+        """The KV transport a worker on ``device`` serves and pulls with."""
+        if self.kv_transport != "auto":
+            return self.kv_transport
+        return "nccl" if device.startswith("cuda") else "grpc"
 
 
 @dataclass(frozen=True)

@@ -224,7 +224,8 @@ class Controller:
                           store_url=self.store_url, namespace=r.namespace,
                           heartbeat_interval_s=r.heartbeat_interval_s, heartbeat_ttl_s=r.heartbeat_ttl_s,
                           host="127.0.0.1" if self.config.ray.address is None else "0.0.0.0",
-                          tp=tp, placement_group=placement_group)
+                          tp=tp, placement_group=placement_group,
+                          kv_transport=self.config.pools.transport_for(engine.device))
 
     def _spawn(self, role: str, slot: _Slot | None = None) -> _Slot:
         if slot is None:

@@ -21,6 +21,7 @@ class WorkerSpec:
     tp: int = 1                         # TP ranks (== engine.tensor_parallel_size)
     metrics: bool = True                # serve /metrics on a free port
     placement_group: Any = None         # the worker's Ray placement group (bundle r: TP rank r; r=0 is this actor)
+    kv_transport: str = "grpc"          # grpc | nccl (workers.host.WorkerHost)
 
 
 @dataclass

@@ -63,7 +63,8 @@ class ManagedWorker:
             launcher = self._tp_launcher = RayTPLauncher(self._placement_group())
         host = WorkerHost(s.engine, s.role, worker_id=s.worker_id, host=s.host, advertise_host=advertise,
                           metrics_port=0 if s.metrics else None, redis_url=s.store_url,
-                          index_model=s.engine.model, index_namespace=s.namespace, tp_launcher=launcher)
+                          index_model=s.engine.model, index_namespace=s.namespace, tp_launcher=launcher,
+                          kv_transport=s.kv_transport)
         return host
 
     def _placement_group(self):

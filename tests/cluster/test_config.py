@@ -54,6 +54,7 @@ def test_engine_section_builds_engine_config():
     ({"pools.resources": {"router": {"x": 1}}}, "pools.resources"),
     ({"engine.device": "cuda"}, "pools.num_gpus is 0"),
     ({"engine.device": "cuda:1", "pools.num_gpus": 1}, "engine.device=cuda:1: Ray gives each worker process"),
+    ({"pools.kv_transport": "rdma"}, "pools.kv_transport must be one of"),
 ])
 def test_validation_errors_name_the_key(overrides, message):
     with pytest.raises(ValueError, match=message):
@@ -88,3 +89,12 @@ def test_example_config_loads():
     cfg = load_config(path)
     assert cfg == ClusterConfig()                 # the example spells out the defaults
     assert cfg.router.options["local_prefill_threshold"] == 256
+
+
+def test_kv_transport_auto_is_nccl_on_gpus_and_grpc_elsewhere():
+    pools = load_config().pools
+    assert pools.kv_transport == "auto"
+    assert (pools.transport_for("cuda"), pools.transport_for("cuda:0"), pools.transport_for("cpu")) == \
+        ("nccl", "nccl", "grpc")
+    forced = load_config(overrides={"pools.kv_transport": "grpc"}).pools
+    assert forced.transport_for("cuda") == "grpc"
