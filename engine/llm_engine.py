@@ -73,7 +73,9 @@ class LLMEngine:
             self.tp_executor = TPExecutor.launch(config, tp_launcher)
             tp = self.tp_executor.tp
             self.device = tp.device
-        if self.device.type == "cuda" and self.device.index is not None:
+        if self.device.type == "cuda":
+            if self.device.index is None:            # "cuda": the current device, named (transports need it)
+                self.device = torch.device("cuda", torch.cuda.current_device())
             # kernels (Triton's above all) and events use the thread's current device: the
             # constructing thread (a worker's engine thread) steps on this engine's GPU
             torch.cuda.set_device(self.device)
