@@ -27,6 +27,25 @@ Three kernels over the paged cache ``[num_blocks, block_size, KH, D]``:
   ``query_start_loc`` — a 1-row query in a 128-row tile would waste the
   tensor cores and re-read the context once per query head.
 
+Compiled variants depend on the model and the device only, never on the step:
+a Triton kernel compiles once per distinct set of ``tl.constexpr`` values and
+argument specializations (an int equal to 1 or divisible by 16, a pointer
+16-byte aligned), and a compile mid-serving stalls the engine thread for
+0.2-2 s. So nothing a step decides is a compile-time constant here:
+
+- the decode kernel tests ``num_splits == 1`` at run time, and its split
+  workspace is always fp32 (a 1-element dummy when unused);
+- the merge kernel walks the splits in chunks of ``BLOCK_S`` at run time
+  (online log-sum-exp), instead of one tile of ``next_pow2(num_splits)`` rows;
+- the prefill kernel finds a tile's request over ``BLOCK_B`` requests at a
+  time, instead of one tile of ``next_pow2(num_requests)``;
+- per-step integers (split count, request count, block-table width) are in
+  ``do_not_specialize``, and per-step metadata pointers (slot mapping, query
+  starts, sequence lengths, block tables: slices of one staging buffer whose
+  offsets follow B and T, so their 16-byte alignment changed with B % 4) in
+  ``do_not_specialize_on_alignment``. They are read as scalars or short
+  gathers: the alignment hint bought next to nothing.
+
 All kernels accumulate in fp32 (online softmax in base 2), take bf16, fp16
 or fp32 inputs (fp32 dots use IEEE precision, not tf32) and any head dim (padded
 to a power of two). Inputs may be strided views (q/k/v slices of a fused QKV
@@ -51,6 +70,8 @@ from engine.attention.launch_config import (
 )
 
 _LOG2E = 1.4426950408889634
+MERGE_BLOCK_S = 16      # splits the merge kernel combines per loop step (decode_num_splits caps at 64)
+PREFILL_BLOCK_B = 64    # requests the prefill kernel scans per loop step to map a tile to its request
 
 
 def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
@@ -63,7 +84,7 @@ def _dot_precision(dtype: torch.dtype) -> str:
 
 # --------------------------------------------------------------------------- KV store
 
-@triton.jit
+@triton.jit(do_not_specialize_on_alignment=["slot_ptr"])
 def _store_kv_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr,
                      stride_kt, stride_kh, stride_vt, stride_vh,
                      stride_cb, stride_ct, stride_ch,
@@ -141,9 +162,10 @@ def _kv_tile_base(bt_row, toks, kh, stride_cb, stride_ct, stride_ch, BLOCK_SIZE:
     return blk * stride_cb + (toks % BLOCK_SIZE) * stride_ct + kh * stride_ch
 
 
-# per-step values (batch width, split count) are not specialized on: a new
-# divisibility class would otherwise recompile the kernel mid-serving
-@triton.jit(do_not_specialize=["num_splits", "stride_bt"])
+# per-step values (batch width, split count, metadata pointers) are not specialized
+# on: a new divisibility class would otherwise recompile the kernel mid-serving
+@triton.jit(do_not_specialize=["num_splits", "stride_bt"],
+            do_not_specialize_on_alignment=["bt_ptr", "seq_lens_ptr", "qsl_ptr"])
 def _decode_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, seq_lens_ptr, qsl_ptr,
                    out_ptr, part_o_ptr, part_lse_ptr,
                    qk_scale, num_splits,
@@ -152,7 +174,7 @@ def _decode_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, seq_lens_ptr, qsl_ptr,
                    GROUP: tl.constexpr, BLOCK_H: tl.constexpr,
                    HEAD_DIM: tl.constexpr, D_P: tl.constexpr,
                    BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
-                   SINGLE_SPLIT: tl.constexpr, MIXED: tl.constexpr, DOT_PREC: tl.constexpr):
+                   MIXED: tl.constexpr, DOT_PREC: tl.constexpr):
     b = tl.program_id(0)
     kh = tl.program_id(1)
     split = tl.program_id(2)
@@ -198,7 +220,7 @@ def _decode_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, seq_lens_ptr, qsl_ptr,
 
         omask = hmask[:, None] & dmask[None, :]
         o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]    # empty context → zeros, not NaN
-        if SINGLE_SPLIT:
+        if num_splits == 1:     # a run-time test: one compiled variant for every batch size
             tl.store(out_ptr + row.to(tl.int64) * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
                      o.to(out_ptr.dtype.element_ty), mask=omask)
         else:
@@ -209,11 +231,11 @@ def _decode_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, seq_lens_ptr, qsl_ptr,
             tl.store(part_lse_ptr + part, lse, mask=hmask)
 
 
-@triton.jit(do_not_specialize=["num_splits"])
+@triton.jit(do_not_specialize=["num_splits"], do_not_specialize_on_alignment=["qsl_ptr"])
 def _decode_merge_kernel(part_o_ptr, part_lse_ptr, out_ptr, qsl_ptr,
                          num_splits, stride_ot, stride_oh,
                          HEAD_DIM: tl.constexpr, D_P: tl.constexpr,
-                         S_P: tl.constexpr, MIXED: tl.constexpr):
+                         BLOCK_S: tl.constexpr, MIXED: tl.constexpr):
     b = tl.program_id(0)
     h = tl.program_id(1)
     if MIXED:
@@ -223,20 +245,31 @@ def _decode_merge_kernel(part_o_ptr, part_lse_ptr, out_ptr, qsl_ptr,
         row = b
         is_decode = True
     if is_decode:
-        offs_s = tl.arange(0, S_P)
         offs_d = tl.arange(0, D_P)
-        part = (b.to(tl.int64) * tl.num_programs(1) + h) * num_splits + offs_s
-        lse = tl.load(part_lse_ptr + part, mask=offs_s < num_splits, other=float("-inf"))
-        valid = lse > float("-inf")     # empty splits never wrote their partial output
-        mx = tl.max(lse, 0)
-        mx = tl.where(mx > float("-inf"), mx, 0.0)
-        w = tl.where(valid, tl.exp2(lse - mx), 0.0)
-        o = tl.load(part_o_ptr + part[:, None] * HEAD_DIM + offs_d[None, :],
-                    mask=valid[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
-        denom = tl.sum(w, 0)
-        res = tl.sum(w[:, None] * o, 0) / tl.where(denom > 0, denom, 1.0)
+        dmask = offs_d < HEAD_DIM
+        base = (b.to(tl.int64) * tl.num_programs(1) + h) * num_splits
+        # BLOCK_S splits at a time, merged by their log-sum-exp with a running max
+        # (one chunk when num_splits <= BLOCK_S: the plain max-weighted sum)
+        m = tl.full([], float("-inf"), tl.float32)
+        den = tl.zeros([], tl.float32)
+        acc = tl.zeros([D_P], tl.float32)
+        for s0 in range(0, num_splits, BLOCK_S):
+            offs_s = s0 + tl.arange(0, BLOCK_S)
+            smask = offs_s < num_splits
+            lse = tl.load(part_lse_ptr + base + offs_s, mask=smask, other=float("-inf"))
+            o = tl.load(part_o_ptr + (base + offs_s)[:, None] * HEAD_DIM + offs_d[None, :],
+                        mask=smask[:, None] & dmask[None, :], other=0.0)
+            valid = lse > float("-inf")     # empty splits never wrote their partial output
+            m_new = tl.maximum(m, tl.max(lse, 0))
+            m_ref = tl.where(m_new > float("-inf"), m_new, 0.0)
+            alpha = tl.exp2(m - m_ref)      # 0 while nothing was valid (m = -inf)
+            w = tl.where(valid, tl.exp2(lse - m_ref), 0.0)
+            acc = acc * alpha + tl.sum(w[:, None] * tl.where(valid[:, None], o, 0.0), 0)
+            den = den * alpha + tl.sum(w, 0)
+            m = m_new
+        res = acc / tl.where(den > 0, den, 1.0)
         tl.store(out_ptr + row.to(tl.int64) * stride_ot + h * stride_oh + offs_d,
-                 res.to(out_ptr.dtype.element_ty), mask=offs_d < HEAD_DIM)
+                 res.to(out_ptr.dtype.element_ty), mask=dmask)
 
 
 def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -267,8 +300,8 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     if num_splits > 1:
         part_o = torch.empty((B, H, num_splits, D), dtype=torch.float32, device=q.device)
         part_lse = torch.empty((B, H, num_splits), dtype=torch.float32, device=q.device)
-    else:
-        part_o = part_lse = out
+    else:   # unused, but fp32 like the workspace: a pointer's dtype is part of the compiled variant
+        part_o = part_lse = torch.empty((1,), dtype=torch.float32, device=q.device)
     D_P = next_pow2(D)
     _decode_kernel[(B, KH, num_splits)](
         q, k_cache, v_cache, block_tables, seq_lens, qsl, out, part_o, part_lse,
@@ -276,19 +309,20 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         GROUP=group, BLOCK_H=max(16, next_pow2(group)), HEAD_DIM=D, D_P=D_P,
-        BLOCK_SIZE=block_size, BLOCK_N=block_n, SINGLE_SPLIT=num_splits == 1, MIXED=mixed,
+        BLOCK_SIZE=block_size, BLOCK_N=block_n, MIXED=mixed,
         DOT_PREC=_dot_precision(k_cache.dtype), **cfg)
     if num_splits > 1:
         _decode_merge_kernel[(B, H)](
             part_o, part_lse, out, qsl, num_splits, out.stride(0), out.stride(1),
-            HEAD_DIM=D, D_P=D_P, S_P=next_pow2(num_splits), MIXED=mixed,
-            num_warps=4 if D_P * next_pow2(num_splits) >= 4096 else 2)
+            HEAD_DIM=D, D_P=D_P, BLOCK_S=MERGE_BLOCK_S, MIXED=mixed,
+            num_warps=4 if D_P * MERGE_BLOCK_S >= 4096 else 2)
     return out
 
 
 # --------------------------------------------------------------------------- prefill / extend
 
-@triton.jit(do_not_specialize=["num_reqs", "stride_bt"])
+@triton.jit(do_not_specialize=["num_reqs", "stride_bt"],
+            do_not_specialize_on_alignment=["bt_ptr", "seq_lens_ptr", "qsl_ptr"])
 def _prefill_kernel(q_ptr, kc_ptr, vc_ptr, out_ptr, bt_ptr, seq_lens_ptr, qsl_ptr,
                     qk_scale, num_reqs,
                     stride_qt, stride_qh, stride_ot, stride_oh,
@@ -300,19 +334,27 @@ def _prefill_kernel(q_ptr, kc_ptr, vc_ptr, out_ptr, bt_ptr, seq_lens_ptr, qsl_pt
     tile = tl.program_id(1)
     kh = h // GROUP
 
-    # tile -> (request, query tile): cumulative tile counts of requests with query_len > 1
+    # tile -> (request, query tile): cumulative tile counts of requests with query_len > 1,
+    # BLOCK_B requests at a time. The tile's request b is the number of requests whose
+    # tiles all come before it; its first tile is the largest cumulative count <= tile.
     offs_b = tl.arange(0, BLOCK_B)
-    bmask = offs_b < num_reqs
-    starts = tl.load(qsl_ptr + offs_b, mask=bmask, other=0)
-    qlens = tl.load(qsl_ptr + offs_b + 1, mask=bmask, other=0) - starts
-    ntiles = tl.where(qlens > 1, tl.cdiv(qlens, BLOCK_M), 0)
-    cum = tl.cumsum(ntiles, 0)
-    b = tl.sum((cum <= tile).to(tl.int32), 0)
-    sel = offs_b == b
-    first_tile = tl.sum(tl.where(sel, cum - ntiles, 0), 0)
-    n_b = tl.sum(tl.where(sel, ntiles, 0), 0)
-    q_start = tl.sum(tl.where(sel, starts, 0), 0)
-    qlen = tl.sum(tl.where(sel, qlens, 0), 0)
+    b = 0
+    first_tile = 0
+    done = 0                                    # tiles of the requests before this chunk
+    for b0 in range(0, num_reqs, BLOCK_B):
+        idx = b0 + offs_b
+        bmask = idx < num_reqs
+        starts = tl.load(qsl_ptr + idx, mask=bmask, other=0)
+        qlens = tl.load(qsl_ptr + idx + 1, mask=bmask, other=0) - starts
+        ntiles = tl.where(qlens > 1, tl.cdiv(qlens, BLOCK_M), 0)
+        cum = done + tl.cumsum(ntiles, 0)
+        before = cum <= tile
+        b += tl.sum(before.to(tl.int32), 0)
+        first_tile = tl.maximum(first_tile, tl.max(tl.where(before, cum, 0), 0))
+        done += tl.sum(ntiles, 0)
+    q_start = tl.load(qsl_ptr + b)
+    qlen = tl.load(qsl_ptr + b + 1) - q_start
+    n_b = tl.cdiv(qlen, BLOCK_M)
     qt = n_b - 1 - (tile - first_tile)          # last (heaviest) query tiles are scheduled first
     seq_len = tl.load(seq_lens_ptr + b)
     ctx0 = seq_len - qlen                       # position of the request's first query row
@@ -382,7 +424,7 @@ def paged_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         GROUP=H // KH, HEAD_DIM=D, D_P=next_pow2(D), BLOCK_SIZE=block_size,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_B=max(16, next_pow2(B)),
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_B=PREFILL_BLOCK_B,
         DOT_PREC=_dot_precision(k_cache.dtype), **cfg)
     return out
 

@@ -209,10 +209,14 @@ def _interpreter_main() -> None:
     """Tiny shapes through every kernel path (run with TRITON_INTERPRET=1)."""
     _patch_interpreter_index()
     errs = []
+    many = [(i % 37, 1) for i in range(70)]                     # 70 requests: > one BLOCK_B scan
+    many[3], many[66], many[69] = (0, 40), (5, 17), (30, 2)
     for spec, H, KH, D, bs in [
         ([(5, 1), (40, 1), (0, 1)], 4, 2, 16, 16),              # decode, GQA 2, split-K
-        ([(0, 1)], 2, 2, 16, 16),                               # decode of a 1-token context
+        ([(0, 1)], 2, 2, 16, 16),                               # decode of a 1-token context (one split)
         ([(0, 20), (18, 1), (16, 9), (3, 2)], 4, 1, 32, 16),    # mixed: prefill, decode, prefix hit
+        ([(600, 1), (30, 1)], 2, 1, 16, 16),                    # > MERGE_BLOCK_S splits, some empty
+        (many, 2, 1, 16, 16),                                   # mixed, prefills past request 64
     ]:
         for dtype in (torch.float32, torch.float16):   # the interpreter's bf16 dot is wrong
             errs.append(check_forward(spec, H, KH, D, bs, dtype, device="cpu"))
