@@ -19,6 +19,13 @@ the same numerics as the torch code it replaces:
 
 Rows must have a contiguous last dimension. Results match the torch code to
 bf16 rounding (reduction order differs), see tests/engine/test_fused_ops.py.
+
+Compiled variants follow the model's shapes only (hidden size, heads, head
+dim), never the step's token count T: T is the grid, strides are per-row
+constants, and the tensors are fresh allocations or views at fixed offsets
+(``sin`` lies T·D fp32 after ``cos``: 16-byte aligned for any head dim
+divisible by 4). So the start-up warm-up covers every step
+(tests/engine/test_kernel_variants.py).
 """
 
 from __future__ import annotations

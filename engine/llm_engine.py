@@ -25,6 +25,9 @@ Decisions:
   behind the device work of the next. A request that step N finishes (EOS, stop
   string) has computed one wasted token in N+1, which ``update`` ignores;
   finishes by length are foreseen and not scheduled.
+- On CUDA, start-up runs a mixed and a decode-only step of made-up requests
+  (``ModelRunner.warm_up``): every Triton kernel variant compiles then, never
+  in a served step, where a compile stalled the engine thread 0.2-2 s.
 - On CUDA the engine ends its start-up with ``gc.collect(); gc.freeze()``: the
   objects alive then (model, torch, tokenizer) are never scanned again by the
   cyclic GC, whose full collections otherwise stall a step by ~100 ms
@@ -124,6 +127,8 @@ class LLMEngine:
         # CUDA graphs capture single-process steps only: TP>1 runs eagerly (for now)
         if self.device.type == "cuda" and not config.enforce_eager and self.tp_executor is None:
             self._install_cuda_graphs()
+        if self.device.type == "cuda":      # every Triton kernel compiles now, not in a served step
+            self.runner.warm_up()
 
     def close(self) -> None:
         """Stop the other tensor-parallel ranks (nothing to do at TP=1). Idempotent."""

@@ -11,6 +11,12 @@ an ``InflightStep`` at once → ``collect(step)`` waits for that copy only and
 returns the RunnerOutput. ``execute`` = both, back to back. Decode-only
 batches may be replayed from a captured CUDA graph (``engine.cuda_graphs``)
 when one is installed.
+
+``warm_up()`` (the engine calls it at the end of start-up on GPU) runs one mixed
+step and one decode-only step of made-up requests, so that every Triton kernel
+variant serving uses is compiled before the first request: the kernels'
+variants depend on the model and the device only, not on the step's batch
+size (engine/attention/triton_ops.py), so two steps cover every later one.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ import torch
 
 from engine.attention.metadata import AttentionMetadata, forward_context
 from engine.kv_cache import KVCache
-from engine.outputs import PLACEHOLDER, RunnerOutput, SchedulerOutput
+from engine.outputs import PLACEHOLDER, RunnerOutput, ScheduledRequest, SchedulerOutput
 from engine.request import Request
 from engine.sampler import Sampler
 
@@ -193,6 +199,28 @@ class ModelRunner:
         if len(rows) == hidden.shape[0]:              # every row samples (decode): no gather
             return self.model.compute_logits(hidden)
         return self.model.compute_logits(hidden[torch.tensor(rows, device=hidden.device)])
+
+    @torch.inference_mode()
+    def warm_up(self) -> None:
+        """Compile the kernels now: a mixed step (a prefill chunk beside a decode whose
+        block table is wide enough to split its context) and a decode-only step,
+        through ``run`` (tensor-parallel ranks replay them; a decode-only step may
+        capture a CUDA graph). Call it before any request exists: its K/V land in
+        blocks no request owns yet, which are written again before anyone reads them."""
+        bs = self.block_size
+        num_blocks = max(1, min(16, self.max_blocks_per_req, self.kv_cache.num_blocks))
+        blocks = list(range(num_blocks))
+        context = min(num_blocks * bs, self.max_model_len)
+        chunk = min(2 * bs + 1, context)
+        decode = ScheduledRequest("warm-up decode", [0], context - 1, blocks, True)
+        steps = [SchedulerOutput([decode])]
+        if chunk > 1:
+            prefill = ScheduledRequest("warm-up prefill", [0] * chunk, 0, blocks[:-(-chunk // bs)], True)
+            steps.insert(0, SchedulerOutput([prefill, decode]))
+        for sched in steps:
+            self.run(sched, [sum(len(r.token_ids) for r in sched.requests) - 1])
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
     def export_kv(self, block_ids: list[int]) -> torch.Tensor:
         """``[L, 2, n, bs, KH, D]`` copy of the blocks (a TP runner returns head shards)."""

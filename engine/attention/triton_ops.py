@@ -46,6 +46,11 @@ argument specializations (an int equal to 1 or divisible by 16, a pointer
   ``do_not_specialize_on_alignment``. They are read as scalars or short
   gathers: the alignment hint bought next to nothing.
 
+What remains compiles on first use, so the engine runs a mixed and a
+decode-only step at start-up (``ModelRunner.warm_up``);
+tests/engine/test_kernel_variants.py serves steps of every batch size after
+it and expects no new variant (on a GPU: no compile).
+
 All kernels accumulate in fp32 (online softmax in base 2), take bf16, fp16
 or fp32 inputs (fp32 dots use IEEE precision, not tf32) and any head dim (padded
 to a power of two). Inputs may be strided views (q/k/v slices of a fused QKV

@@ -26,10 +26,10 @@ needs_cuda_triton = pytest.mark.skipif(not (torch.cuda.is_available() and HAVE_T
 needs_triton = pytest.mark.skipif(not HAVE_TRITON, reason="triton not importable")
 
 
-def run_under_interpreter(path: str, timeout: float) -> str:
-    """Run the module at ``path`` as a script with TRITON_INTERPRET=1; its stdout."""
+def run_under_interpreter(path: str, timeout: float, args: list[str] = ()) -> str:
+    """Run the module at ``path`` as a script (with ``args``) with TRITON_INTERPRET=1; its stdout."""
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
-    res = subprocess.run([sys.executable, path], env=env, cwd=ROOT, capture_output=True, text=True,
+    res = subprocess.run([sys.executable, path, *args], env=env, cwd=ROOT, capture_output=True, text=True,
                          timeout=timeout)
     assert res.returncode == 0, res.stdout + res.stderr
     return res.stdout
