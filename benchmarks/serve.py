@@ -13,6 +13,13 @@ E2E (mean, median, p90, p99), request / token throughput and goodput under the
 ``--goodput-ttft-ms`` / ``--goodput-tpot-ms`` SLO → print a summary and write
 JSON into ``benchmarks/results/``.
 
+Arrivals are sent on an absolute clock: request i starts at ``t0 + arrival_i``
+(not after a sleep per gap, which slips by every late wake-up and never catches
+up). A client that falls behind still sends late, so each request's actual
+start is recorded, and the report gives the offered rate achieved (requests
+sent / seconds from ``t0`` to the last send) next to the nominal
+``--request-rate``, and the largest lag behind the schedule.
+
 Datasets (no downloads): ``random`` — prompts of random words, lengths uniform
 in ``[len * (1 - range_ratio), len * (1 + range_ratio)]``; ``shared-prefix`` —
 ``--prefix-groups`` groups whose prompts share a ``--prefix-len``-word system
@@ -36,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import random
 import sys
@@ -70,6 +78,8 @@ class RequestResult:
     itl: list[float] = field(default_factory=list)
     error: str = ""
     start: float = 0.0
+    scheduled_s: float = 0.0         # arrival in the schedule, seconds after the run's t0
+    sent_s: float = 0.0              # when the request actually started, seconds after t0
 
     @property
     def tpot(self) -> float | None:
@@ -207,13 +217,17 @@ async def run(args) -> dict:
     if args.warmup:
         await asyncio.gather(*(one(r) for r in requests[:args.warmup]))
     tasks = []
+    arrivals = list(itertools.accumulate(gaps))
     t0 = time.perf_counter()
-    for req, gap in zip(requests, gaps):
-        if gap:
-            await asyncio.sleep(gap)
+    for req, at in zip(requests, arrivals):
+        delay = t0 + at - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
         tasks.append(asyncio.create_task(one(req)))
     results = await asyncio.gather(*tasks)
     duration = time.perf_counter() - t0
+    for r, at in zip(results, arrivals):
+        r.scheduled_s, r.sent_s = at, r.start - t0
     await client.close()
     report = summarize(results, duration, args)
     report["config"] = {k: (str(v) if isinstance(v, float) and v == float("inf") else v)
@@ -259,6 +273,7 @@ def summarize(results: list[RequestResult], duration: float, args) -> dict:
         "total_token_throughput": (in_tokens + out_tokens) / duration if duration else 0.0,
         "max_concurrency": args.max_concurrency,
         "request_rate": str(args.request_rate),
+        **_offered(results),
     }
     if args.goodput_ttft_ms is not None or args.goodput_tpot_ms is not None:
         report["goodput"] = len(good) / duration if duration else 0.0
@@ -267,16 +282,31 @@ def summarize(results: list[RequestResult], duration: float, args) -> dict:
     report.update(_stats("itl", [g for r in ok for g in r.itl]))
     report.update(_stats("e2el", [r.e2e for r in ok]))
     if getattr(args, "save_detailed", False):
-        report["requests"] = [{"ttft_ms": round(r.ttft * 1e3, 3), "tpot_ms": None if r.tpot is None else
-                               round(r.tpot * 1e3, 3), "e2el_ms": round(r.e2e * 1e3, 3),
-                               "prompt_tokens": r.prompt_tokens, "output_tokens": r.output_tokens} for r in ok]
+        report["requests"] = [{"index": i, "ttft_ms": round(r.ttft * 1e3, 3), "tpot_ms": None if r.tpot is None
+                               else round(r.tpot * 1e3, 3), "e2el_ms": round(r.e2e * 1e3, 3),
+                               "prompt_tokens": r.prompt_tokens, "output_tokens": r.output_tokens,
+                               "scheduled_s": round(r.scheduled_s, 4), "sent_s": round(r.sent_s, 4)}
+                              for i, r in enumerate(results) if r.ok]
     return report
+
+
+def _offered(results: list[RequestResult]) -> dict:
+    """The load actually offered: requests sent / seconds from t0 to the last send
+    (None if every request started at t0), and the largest lag of a send behind its schedule."""
+    window = max((r.sent_s for r in results), default=0.0)
+    return {"send_window_s": window,
+            "offered_rate": len(results) / window if window > 0 else None,
+            "max_send_lag_ms": max((r.sent_s - r.scheduled_s for r in results), default=0.0) * 1e3}
 
 
 def print_report(report: dict, file=sys.stdout) -> None:
     w = 50
     print(" Serving Benchmark Result ".center(w, "="), file=file)
+    offered = report.get("offered_rate")
     rows = [("Successful requests", report["completed"]), ("Failed requests", report["failed"]),
+            ("Nominal request rate (req/s)", report["request_rate"]),
+            ("Offered request rate (req/s)", "-" if offered is None else offered),
+            ("Max send lag behind schedule (ms)", report["max_send_lag_ms"]),
             ("Benchmark duration (s)", report["duration_s"]),
             ("Total input tokens", report["total_input_tokens"]),
             ("Total generated tokens", report["total_output_tokens"]),

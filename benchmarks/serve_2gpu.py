@@ -14,7 +14,9 @@ makes exactly ``--output-len`` tokens; ``rate × --seconds-per-rate`` prompts,
 at least ``--min-prompts``) → stop the cluster (SIGTERM, then SIGKILL of its
 session) so the GPUs are free for the next one.
 
-Reported per (topology, rate): completed requests, how many were prefilled on
+Reported per (topology, rate): the offered rate the client achieved (requests
+sent / send window: one asyncio client falls behind a high nominal rate),
+completed requests, how many were prefilled on
 the worker that decodes them (``local prefill``: all of them when colocated;
 with a prefill worker, only when the router found it unusable — should be 0),
 request throughput, TTFT and TPOT p50/p90, and for every ``--slo
@@ -77,6 +79,12 @@ def goodput(report: dict, slo: tuple[float, float]) -> tuple[float, float]:
     good = sum(1 for r in reqs if r["ttft_ms"] <= slo[0] and (r["tpot_ms"] or 0.0) <= slo[1])
     total = report["completed"] + report["failed"]
     return good / report["duration_s"] if report["duration_s"] else 0.0, 100.0 * good / total if total else 0.0
+
+
+def _offered(report: dict) -> str:
+    """The offered rate the client achieved (requests sent / send window; serve.py), '-' when unknown."""
+    rate = report.get("offered_rate")
+    return "-" if rate is None else f"{rate:.1f}"
 
 
 class Cluster:
@@ -217,7 +225,7 @@ def run_topology(out: dict, args, log_dir: Path, budget_s: float, save) -> None:
             save()
             g, att = goodput(report, args.slos[0])
             print(f"[{topology}] rate {rate:>5g}: {report['completed']}/{n} ok in {report['duration_s']:.1f} s, "
-                  f"TTFT p90 {report['p90_ttft_ms']:.1f} ms, TPOT p90 {report['p90_tpot_ms']:.2f} ms, "
+                  f"offered {_offered(report)} req/s, TTFT p90 {report['p90_ttft_ms']:.1f} ms, TPOT p90 {report['p90_tpot_ms']:.2f} ms, "
                   f"goodput {g:.2f} req/s ({att:.0f}% in SLO)"
                   + (f" errors {report['errors']}" if report["errors"] else ""), flush=True)
         out["workers"] = worker_stats(cluster, out["cluster"])
@@ -237,15 +245,15 @@ def run_topology(out: dict, args, log_dir: Path, budget_s: float, save) -> None:
 
 
 def table(results: list[dict], slos: list[tuple[float, float]]) -> str:
-    head = ["rate (req/s)", "topology", "done", "local prefill", "req/s", "TTFT p50", "TTFT p90", "TPOT p50",
-            "TPOT p90"]
+    head = ["rate (req/s)", "offered (req/s)", "topology", "done", "local prefill", "req/s", "TTFT p50", "TTFT p90",
+            "TPOT p50", "TPOT p90"]
     for s in slos:
         head += [f"goodput {s[0]:g}/{s[1]:g}", f"in SLO {s[0]:g}/{s[1]:g}"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     rows = sorted(((r["rate"], t["topology"], r) for t in results for r in t["runs"]), key=lambda x: (x[0], x[1]))
     for rate, topo, r in rows:
         local = r["router_ttft_phases"].get("local_first_token", {}).get("count", 0)
-        cells = [f"{rate:g}", topo, f"{r['completed']}/{r['completed'] + r['failed']}", str(local),
+        cells = [f"{rate:g}", _offered(r), topo, f"{r['completed']}/{r['completed'] + r['failed']}", str(local),
                  f"{r['request_throughput']:.2f}", f"{r['median_ttft_ms']:.1f}", f"{r['p90_ttft_ms']:.1f}",
                  f"{r['median_tpot_ms']:.2f}", f"{r['p90_tpot_ms']:.2f}"]
         for s in slos:

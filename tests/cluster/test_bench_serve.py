@@ -101,5 +101,12 @@ def test_run_reports_latencies_and_goodput(fake_server, tmp_path):
     assert report["goodput"] == 0.0             # no request meets a 1 µs TPOT
     assert len(report["requests"]) == 12 and all(r["output_tokens"] == 5 and r["tpot_ms"] > 0.001
                                                  for r in report["requests"])
+    # sent on the absolute schedule (never early), in arrival order; the offered rate is measured
+    reqs = report["requests"]
+    assert [r["index"] for r in reqs] == list(range(12))
+    assert all(r["sent_s"] >= r["scheduled_s"] - 1e-3 for r in reqs)
+    assert report["send_window_s"] == pytest.approx(max(r["sent_s"] for r in reqs), abs=1e-3)
+    assert report["offered_rate"] == pytest.approx(12 / report["send_window_s"])
+    assert report["max_send_lag_ms"] >= 0
     path = serve.save_report(report, args.result_dir)
     assert json.loads(path.read_text())["completed"] == 12 and path.name.startswith("serve-t-")
